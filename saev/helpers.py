@@ -1,0 +1,86 @@
+"""Small utilities shared by every command: atomic writes, config hashing, devices."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import typing
+
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash never leaves a partial file behind.
+
+    Writes to a temporary file in the same directory, fsyncs, then renames over `path`
+    (rename is atomic on POSIX within one filesystem).
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: typing.Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=to_jsonable) + "\n")
+
+
+def to_jsonable(obj: typing.Any) -> typing.Any:
+    """JSON fallback for dataclasses, paths and numpy/torch scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def canonical_json(obj: typing.Any) -> str:
+    """Deterministic JSON (sorted keys, no whitespace) used for hashing configs."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=to_jsonable)
+
+
+def short_hash(obj: typing.Any, n: int = 10) -> str:
+    """First `n` hex digits of the sha256 of `canonical_json(obj)`."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn a user's `--device` ('auto', 'cpu', 'cuda', 'cuda:1', ...) into a torch device."""
+    from saev.errors import UserError
+
+    if device == "auto":
+        return torch.device(default_device())
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(
+            f"--device {device!r} is not a torch device (try 'cpu' or 'cuda')."
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device!r} asked for a GPU but torch sees no CUDA device.")
+    return dev
