@@ -1,0 +1,66 @@
+"""`images:fairface`: the official FairFace layout.
+
+```
+ROOT/train/1.jpg ...   ROOT/fairface_label_train.csv   (file,age,gender,race,service_test)
+ROOT/val/1.jpg ...     ROOT/fairface_label_val.csv
+```
+Images are recorded in the order of the label CSV; its `file` column (`val/1.jpg`) is the path.
+"""
+
+import csv
+import dataclasses
+import pathlib
+import typing
+
+from saev.errors import UserError
+from saev.images.common import ImageList, check_headers, check_root
+
+COLUMNS = ("file", "age", "gender", "race", "service_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class FairFace:
+    """FairFace (official layout: train/, val/ and fairface_label_{train,val}.csv); labels age, gender, race, service_test."""
+
+    root: pathlib.Path
+    """FairFace directory holding train/, val/ and the two label CSVs."""
+    split: typing.Literal["train", "val"] = "val"
+    """Which split to record."""
+
+    def load(self, *, strict: bool = False) -> ImageList:
+        root = check_root(self.root)
+        csv_path = root / f"fairface_label_{self.split}.csv"
+        if not csv_path.is_file():
+            raise UserError(
+                f"{csv_path}: missing; expected the official FairFace label file in --images.root."
+            )
+        with open(csv_path, newline="") as fd:
+            reader = csv.DictReader(fd)
+            missing = [c for c in COLUMNS[:4] if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(
+                    f"{csv_path}: missing columns {missing}; expected {', '.join(COLUMNS)}."
+                )
+            rows = list(reader)
+        names = [c for c in reader.fieldnames if c != "file"]
+        present, skipped = [], []
+        for row in rows:
+            rel = row["file"].strip()
+            if (root / rel).is_file():
+                present.append(row)
+            elif strict:
+                raise UserError(f"{root / rel}: listed in {csv_path.name} but missing.")
+            else:
+                skipped.append((rel, f"listed in {csv_path.name} but missing"))
+        if not present:
+            raise UserError(
+                f"{csv_path}: none of its {len(rows)} files exist under {root} "
+                f"(e.g. {rows[0]['file'] if rows else '?'!r})."
+            )
+        paths, bad = check_headers(root, [r["file"].strip() for r in present], strict=strict)
+        skipped += bad
+        keep = set(paths)
+        present = [r for r in present if r["file"].strip() in keep]
+        labels = {n: [r.get(n) or "" for r in present] for n in names}
+        data = {"kind": "fairface", "root": str(root), "split": self.split}
+        return ImageList(root=root, paths=paths, labels=labels, data=data, skipped=skipped)

@@ -1,0 +1,275 @@
+"""`python -m saev activations`: record a ViT's residual stream over an image dataset.
+
+The loop is: DataLoader workers decode and transform images (pinned memory, prefetch) while
+the ViT runs; forward hooks copy the chosen blocks' outputs into one buffer; a background
+thread writes it to the shard files. So the GPU only ever waits on the ViT.
+
+Batches are aligned to shard boundaries (a batch never spans two shards, and each shard's
+batches start at its first image), so a resumed run or a `--n-jobs` part sees exactly the
+same batches as one uninterrupted run, and writes the same bytes.
+"""
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+import typing
+
+import torch
+from tqdm.auto import tqdm
+
+from saev.errors import UserError
+from saev.helpers import resolve_device, short_hash
+from saev.images import Demo, ImageDataset, ImageList, Images
+from saev.shards.metadata import Metadata
+from saev.shards.writer import ShardWriter, write_image_index
+
+logger = logging.getLogger("saev.shards.record")
+
+SKIPPED_FILE = "skipped.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Record the residual stream of chosen ViT blocks over an image dataset into shards."""
+
+    vit_family: typing.Literal["clip", "siglip", "dinov2", "timm"] = "clip"
+    """Backbone family: clip/siglip (open_clip) or dinov2/timm (timm)."""
+    vit_ckpt: str = "ViT-B-32/openai"
+    """Checkpoint: open_clip ARCH/tag, hf-hub:org/name or ARCH/path/to/weights; a timm model name or NAME/path/to/weights."""
+    vit_layers: list[int] = dataclasses.field(default_factory=lambda: [-2])
+    """Blocks whose output to record; negative indices count from the last block."""
+    random_weights: bool = False
+    """Use randomly initialised weights instead of pretrained ones (recorded as pretrained=false)."""
+    images: Images = dataclasses.field(default_factory=Demo)
+    """Image dataset."""
+    dump_to: pathlib.Path = pathlib.Path("./shards")
+    """Shards go to DUMP_TO/<hash of this recording's settings>; if DUMP_TO itself holds a metadata.json, into DUMP_TO."""
+    n_patches_per_shard: int = 2_400_000
+    """Tokens per shard file; images per shard = this // tokens per image (at least 1)."""
+    dtype: typing.Literal["float32", "float16"] = "float32"
+    """Stored activation dtype."""
+    batch_size: int = 256
+    """Images per ViT forward pass."""
+    n_workers: int = 4
+    """DataLoader worker processes that decode images (0: decode in the main process)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    seed: int = 42
+    """Seed of torch's RNG before the model is built (this fixes --random-weights); stored in metadata."""
+    strict: bool = False
+    """Stop at the first unreadable or non-image file instead of skipping it and listing it in skipped.txt."""
+    n_jobs: int = 1
+    """Split the shards into this many disjoint parts (e.g. one per machine)."""
+    job_index: int = 0
+    """Which part (0..n_jobs-1) this run records."""
+    slurm: bool = False
+    """Submit all --n-jobs parts as a Slurm job array (submitit) instead of running here."""
+    slurm_account: str = ""
+    """Slurm account."""
+    slurm_partition: str = ""
+    """Slurm partition."""
+    slurm_time_min: int = 240
+    """Slurm time limit per job, in minutes."""
+    slurm_gpus: int = 1
+    """GPUs per Slurm job."""
+    slurm_cpus: int = 8
+    """CPUs per Slurm job (used by the DataLoader workers)."""
+    log_to: pathlib.Path = pathlib.Path("./logs")
+    """Where submitit keeps Slurm job scripts and logs."""
+
+
+def main(cfg: Config) -> None:
+    check_config(cfg)
+    if cfg.slurm:
+        submit(cfg)
+        return
+    record(cfg)
+
+
+def check_config(cfg: Config) -> None:
+    for key in ("batch_size", "n_jobs", "n_patches_per_shard"):
+        if getattr(cfg, key) < 1:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cfg, key)}: expected a positive integer.")
+    if not cfg.vit_layers:
+        raise UserError("--vit-layers is empty; expected at least one block index.")
+    if not 0 <= cfg.job_index < cfg.n_jobs:
+        raise UserError(
+            f"--job-index {cfg.job_index}: expected 0..{cfg.n_jobs - 1} for --n-jobs {cfg.n_jobs}."
+        )
+    if cfg.n_workers < 0:
+        raise UserError(f"--n-workers {cfg.n_workers}: expected >= 0.")
+
+
+def job_shards(n_shards: int, n_jobs: int, job_index: int) -> range:
+    """Contiguous, disjoint shard ranges covering [0, n_shards), one per job."""
+    per = math.ceil(n_shards / n_jobs) if n_shards else 0
+    return range(min(job_index * per, n_shards), min((job_index + 1) * per, n_shards))
+
+
+def recording_key(md: Metadata) -> dict[str, typing.Any]:
+    """What determines the bytes: the metadata (model, ckpt, layers, dataset, dtype, shard size,
+    seed, random weights). Batch size, workers, device and the job split are deliberately out."""
+    return md.to_json()
+
+
+def output_dir(dump_to: pathlib.Path, md: Metadata) -> pathlib.Path:
+    dump_to = pathlib.Path(dump_to).expanduser()
+    if (dump_to / "metadata.json").is_file():
+        return dump_to
+    return dump_to / short_hash(recording_key(md))
+
+
+def record(cfg: Config) -> pathlib.Path:
+    """Run (or resume) this job's part of the recording; returns the shard directory."""
+    from saev.vits import Recorder, make_vit
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    images = cfg.images.load(strict=cfg.strict)
+    # Random weights come from torch's RNG: seed it so a resumed or split run builds the same
+    # random model (and so writes the same bytes).
+    torch.manual_seed(cfg.seed)
+    vit = make_vit(cfg.vit_family, cfg.vit_ckpt, pretrained=not cfg.random_weights)
+    if cfg.random_weights:
+        print(
+            f"*** RANDOM WEIGHTS: {cfg.vit_ckpt} is randomly initialised (metadata pretrained=false). ***"
+        )
+    layers = vit.resolve_layers(cfg.vit_layers)
+    md = make_metadata(cfg, vit, layers, images)
+    root = output_dir(cfg.dump_to, md)
+    shards = job_shards(md.n_shards, cfg.n_jobs, cfg.job_index)
+    writer = ShardWriter(root, md, shards=shards)
+    write_image_index(root, images.rows())
+    write_skipped(root, images.skipped)
+    print(f"shards: {root}")
+    if writer.done:
+        print(
+            f"nothing to do: shards {shards.start}..{shards.stop - 1} are already complete in {root}"
+        )
+        return root
+    if writer.start_img > shards.start * md.n_imgs_per_shard:
+        print(
+            f"resuming at image {writer.start_img} (shard {writer.start_img // md.n_imgs_per_shard})"
+        )
+
+    vit = vit.to(device)
+    recorder = Recorder(vit, layers)
+    dataset = ImageDataset(images, vit.transform, vit.image_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=shard_aligned_batches(
+            writer.start_img, writer.stop_img, md.n_imgs_per_shard, cfg.batch_size
+        ),
+        num_workers=cfg.n_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.n_workers > 0 else None,
+    )
+    store = torch.float16 if cfg.dtype == "float16" else torch.float32
+    n_todo = writer.stop_img - writer.start_img
+    failed: list[tuple[str, str]] = []
+    try:
+        with writer, tqdm(total=n_todo, unit="img", desc="recording", dynamic_ncols=True) as bar:
+            for imgs, idx, ok in loader:
+                if not bool(ok.all()):
+                    for i in idx[~ok].tolist():
+                        if cfg.strict:
+                            raise UserError(
+                                f"{images.root / images.paths[i]}: could not decode image (--strict)."
+                            )
+                        failed.append(
+                            (images.paths[i], "could not decode; recorded as a black image")
+                        )
+                acts = recorder.record(imgs.to(device, non_blocking=True))
+                writer.write(acts.to(store))
+                bar.update(len(idx))
+    finally:
+        recorder.remove()
+        if failed:
+            write_skipped(root, images.skipped + failed)
+    elapsed = time.perf_counter() - t0
+    n_bytes = n_todo * md.bytes_per_img
+    n_skipped = len(images.skipped) + len(failed)
+    print(
+        f"recorded {n_todo} images ({md.n_imgs} in all) into shards {shards.start}..{shards.stop - 1} "
+        f"of {md.n_shards}: {n_bytes / 1e9:.2f} GB in {elapsed:.1f}s ({n_todo / elapsed:.1f} img/s)"
+        + (f"; {n_skipped} files skipped (see {root / SKIPPED_FILE})" if n_skipped else "")
+    )
+    print(f"shards: {root}")
+    return root
+
+
+def make_metadata(cfg: Config, vit, layers: list[int], images: ImageList) -> Metadata:
+    n_tokens = vit.n_patches + int(vit.cls_token)
+    return Metadata(
+        vit_family=cfg.vit_family,
+        vit_ckpt=cfg.vit_ckpt,
+        layers=layers,
+        n_blocks=vit.n_blocks,
+        n_patches_per_img=vit.n_patches,
+        cls_token=vit.cls_token,
+        d_vit=vit.d_vit,
+        n_imgs=len(images),
+        n_imgs_per_shard=max(1, cfg.n_patches_per_shard // n_tokens),
+        dtype=cfg.dtype,
+        image_size=vit.image_size,
+        patch_grid=vit.patch_grid,
+        data=images.data,
+        seed=cfg.seed,
+        pretrained=not cfg.random_weights,
+    )
+
+
+def shard_aligned_batches(
+    start: int, stop: int, per_shard: int, batch_size: int
+) -> list[list[int]]:
+    """Index batches over [start, stop) that restart at every shard boundary."""
+    batches = []
+    i = start
+    while i < stop:
+        end = min(stop, (i // per_shard + 1) * per_shard, i + batch_size)
+        batches.append(list(range(i, end)))
+        i = end
+    return batches
+
+
+def write_skipped(root: pathlib.Path, skipped: list[tuple[str, str]]) -> None:
+    from saev.helpers import atomic_write_text
+
+    path = root / SKIPPED_FILE
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    atomic_write_text(path, "".join(f"{p}\t{why}\n" for p, why in skipped))
+    logger.warning("%d files skipped; listed in %s", len(skipped), path)
+
+
+def submit(cfg: Config, executor=None) -> list:
+    """Submit one Slurm job per --n-jobs part through submitit; returns the jobs."""
+    import submitit
+
+    if executor is None:
+        executor = submitit.AutoExecutor(folder=cfg.log_to)
+        if executor.cluster != "slurm":
+            raise UserError(
+                "--slurm: no Slurm cluster found (sbatch is not on PATH); drop --slurm to run here."
+            )
+        executor.update_parameters(
+            timeout_min=cfg.slurm_time_min,
+            gpus_per_node=cfg.slurm_gpus,
+            cpus_per_task=cfg.slurm_cpus,
+            slurm_account=cfg.slurm_account or None,
+            slurm_partition=cfg.slurm_partition or None,
+            name="saev-activations",
+        )
+    parts = [dataclasses.replace(cfg, slurm=False, job_index=i) for i in range(cfg.n_jobs)]
+    jobs = executor.map_array(main, parts)
+    for job, part in zip(jobs, parts, strict=True):
+        print(f"submitted job {job.job_id}: part {part.job_index} of {cfg.n_jobs}")
+    print(
+        f"logs: {cfg.log_to}; re-run the same command without --slurm to check or finish the recording."
+    )
+    return jobs

@@ -1,0 +1,22 @@
+"""Vision transformer backbones and the recorder that hooks their residual blocks.
+
+```python
+vit = saev.vits.make_vit("clip", "ViT-B-32/openai")          # or pretrained=False
+transform = saev.vits.make_img_transform("clip", "ViT-B-32/openai")
+rec = saev.vits.Recorder(vit, layers=[-2])
+out, acts = rec(imgs)          # acts: [b, n_layers, n_tokens, d_vit], CLS first, registers dropped
+```
+"""
+
+from saev.vits.models import DINOV2_ALIASES, FAMILIES, Family, Vit, make_img_transform, make_vit
+from saev.vits.recorder import Recorder
+
+__all__ = [
+    "DINOV2_ALIASES",
+    "FAMILIES",
+    "Family",
+    "Recorder",
+    "Vit",
+    "make_img_transform",
+    "make_vit",
+]

@@ -1,0 +1,214 @@
+"""saev.shards: Metadata, ShardWriter, Shards, ImageIndex, iter_images, reference saev 0.1 dirs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saev.errors import UserError
+from saev.shards import LEGACY, PROTOCOL, ImageIndex, Metadata, Shards, ShardWriter, iter_images
+
+
+def make_md(**kw) -> Metadata:
+    base = dict(
+        vit_family="timm",
+        vit_ckpt="tiny",
+        layers=[2, 3],
+        n_blocks=4,
+        n_patches_per_img=4,
+        cls_token=True,
+        d_vit=8,
+        n_imgs=10,
+        n_imgs_per_shard=4,
+        data={"kind": "demo", "root": "/imgs"},
+    )
+    return Metadata(**{**base, **kw})
+
+
+def acts_for(md: Metadata, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((md.n_imgs, *md.img_shape)).astype(np.float32)
+
+
+def write(root, md, acts, batch=3, rows=True):
+    with ShardWriter(root, md) as w:
+        for i in range(0, md.n_imgs, batch):
+            j = min(i + batch, md.n_imgs)
+            r = (
+                [{"path": f"img/{k}.png", "label": str(k % 3)} for k in range(i, j)]
+                if rows
+                else None
+            )
+            w.write(acts[i:j], rows=r)
+
+
+def test_metadata_roundtrip_and_derived_sizes():
+    md = make_md()
+    assert Metadata.from_json(json.loads(json.dumps(md.to_json()))) == md
+    assert md.protocol == PROTOCOL
+    assert md.n_tokens_per_img == 5 and md.n_shards == 3 and md.patch_grid == (2, 2)
+    assert [md.n_imgs_in(i) for i in range(3)] == [4, 4, 2]
+    assert md.bytes_per_img == 2 * 5 * 8 * 4
+    assert md.resolve_layer(-1) == 3
+
+
+def test_metadata_rejects_bad_values():
+    with pytest.raises(UserError, match="patch_grid"):
+        make_md(patch_grid=(3, 3))
+    with pytest.raises(UserError, match="dtype"):
+        make_md(dtype="int8")
+    bad = make_md().to_json() | {"colour": 1}
+    with pytest.raises(UserError, match="unknown keys \\['colour'\\]"):
+        Metadata.from_json(bad)
+
+
+def test_write_then_read_every_value(tmp_path):
+    md = make_md()
+    acts = acts_for(md)
+    write(tmp_path, md, acts)
+    status = json.loads((tmp_path / "shards.json").read_text())
+    assert [(s["n_imgs"], s["complete"]) for s in status["shards"]] == [
+        (4, True),
+        (4, True),
+        (2, True),
+    ]
+    # The last shard holds only the remainder, no padding.
+    assert (tmp_path / "acts000002.bin").stat().st_size == 2 * md.bytes_per_img
+    shards = Shards(tmp_path)
+    assert shards.n_imgs == 10 and shards.md == md
+    for i in range(10):
+        np.testing.assert_array_equal(shards.img_acts(i), acts[i])
+    assert shards.acts(1).shape == (4, 2, 5, 8)
+    assert shards.layer_pos(3) == 1 and shards.layer_pos(-2) == 0
+    with pytest.raises(UserError, match=r"layer 1 was not recorded.*\[2, 3\]"):
+        shards.layer_pos(1)
+    assert shards.token_slice("cls") == slice(0, 1)
+    assert shards.token_slice("patches") == slice(1, 5)
+    idx, xs = zip(
+        *iter_images(shards, -1, batch_size=3, tokens="patches", start=2, stop=9), strict=True
+    )
+    # Batches stop at shard boundaries: [2,3] [4,5,6] [7] [8].
+    assert [len(i) for i in idx] == [2, 3, 1, 1]
+    got = torch.cat(xs)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), acts[2:9, 1, 1:])
+    assert torch.cat(idx).tolist() == list(range(2, 9))
+
+
+def test_image_index(tmp_path):
+    md = make_md()
+    write(tmp_path, md, acts_for(md))
+    index = Shards(tmp_path).images
+    assert isinstance(index, ImageIndex)
+    assert len(index) == 10 and index.columns == ["index", "path", "label"]
+    assert index.label_names == ["label"]
+    assert index.path(7) == "img/7.png"
+    assert index.labels("label")[:4] == ["0", "1", "2", "0"]
+    with pytest.raises(UserError, match="no label column 'age'"):
+        index.labels("age")
+
+
+def test_float16_and_torch_input(tmp_path):
+    md = make_md(dtype="float16")
+    acts = acts_for(md)
+    with ShardWriter(tmp_path, md) as w:
+        w.write(torch.from_numpy(acts))
+    shards = Shards(tmp_path)
+    assert shards.acts(0).dtype == np.float16
+    np.testing.assert_array_equal(shards.img_acts(5), acts[5].astype(np.float16))
+    assert not (tmp_path / "images.csv").exists()  # no rows given
+
+
+def test_resume_after_crash_is_byte_identical(tmp_path):
+    md = make_md()
+    acts = acts_for(md)
+    write(tmp_path / "ref", md, acts)
+
+    root = tmp_path / "run"
+    with pytest.raises(RuntimeError), ShardWriter(root, md) as w:
+        w.write(acts[:6])  # shard 0 complete, shard 1 half written
+        raise RuntimeError("killed")
+    assert not (root / "acts000001.bin").exists()
+    assert [s["complete"] for s in json.loads((root / "shards.json").read_text())["shards"]] == [
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(UserError, match="recording incomplete, 2 of 3 shards"):
+        Shards(root)
+    w = ShardWriter(root, md)
+    assert (w.start_img, w.stop_img) == (4, 10)
+    w.write(acts[4:])
+    w.close()
+    for i in range(3):
+        name = md.shard_file(i)
+        assert (root / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert ShardWriter(root, md).done
+
+
+def test_job_ranges_cover_everything(tmp_path):
+    md = make_md(n_imgs=11, n_imgs_per_shard=2)  # 6 shards
+    acts = acts_for(md)
+    for shards in (range(0, 2), range(2, 4), range(4, 6)):
+        w = ShardWriter(tmp_path, md, shards=shards)
+        assert w.start_img == shards.start * 2
+        w.write(acts[w.start_img : w.stop_img])
+        w.close()
+    s = Shards(tmp_path)
+    np.testing.assert_array_equal(np.stack([s.img_acts(i) for i in range(11)]), acts)
+
+
+def test_truncated_and_foreign_dirs(tmp_path):
+    md = make_md()
+    write(tmp_path, md, acts_for(md))
+    with pytest.raises(UserError, match="already holds shards of a different recording \\(d_vit"):
+        ShardWriter(tmp_path, make_md(d_vit=16))
+    f = tmp_path / "acts000001.bin"
+    f.write_bytes(f.read_bytes()[:-10])
+    # shards.json says complete, but the size is wrong: never trusted.
+    with pytest.raises(UserError, match="acts000001.bin"):
+        Shards(tmp_path)
+    with pytest.raises(UserError, match="shard directory does not exist"):
+        Shards(tmp_path / "acts000000.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="metadata.json: no such file"):
+        Shards(tmp_path / "empty")
+
+
+def test_reference_saev_0_1_directory(tmp_path):
+    # Reference layout: no protocol, n_patches_per_shard, CLS always stored, float32, every
+    # shard full size (the last one padded), no shards.json, no image index.
+    n_imgs, n_layers, n_patches, d = 7, 2, 4, 8
+    per_shard = 3
+    meta = {
+        "vit_family": "clip",
+        "vit_ckpt": "ViT-B-32/openai",
+        "layers": [-2, -1],
+        "n_patches_per_img": n_patches,
+        "cls_token": True,
+        "d_vit": d,
+        "seed": 42,
+        "n_imgs": n_imgs,
+        "n_patches_per_shard": per_shard * n_layers * (n_patches + 1),
+        "data": "ImageFolder(root='x')",
+    }
+    (tmp_path / "metadata.json").write_text(json.dumps(meta, indent=4))
+    acts = (
+        np.random.default_rng(0).standard_normal((9, n_layers, n_patches + 1, d)).astype(np.float32)
+    )
+    for s in range(3):
+        acts[s * per_shard : (s + 1) * per_shard].tofile(tmp_path / f"acts{s:06d}.bin")
+    shards = Shards(tmp_path)
+    assert shards.md.protocol == LEGACY and shards.md.n_imgs_per_shard == 3
+    assert shards.n_imgs == 7 and shards.md.n_shards == 3
+    np.testing.assert_array_equal(shards.img_acts(6), acts[6])
+    assert shards.acts(2).shape == (1, 2, 5, 8)
+    assert shards.layer_pos(-1) == 1
+    (_, x), *_ = iter_images(shards, -2, batch_size=8, tokens="cls")
+    np.testing.assert_array_equal(x.numpy(), acts[:3, 0, :1])
+    with pytest.raises(UserError, match="no image index"):
+        shards.images  # noqa: B018
+    (tmp_path / "acts000001.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(UserError, match="truncated"):
+        Shards(tmp_path)
