@@ -217,3 +217,19 @@ def test_placeholder_and_missing_image(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     assert render.load_image(tmp_path / "bad.jpg", (16, 16)) is None
     assert render.placeholder((16, 24)).shape == (16, 24, 3)
+
+
+def test_model_geometry_follows_the_recording_transform():
+    # timm's eval transform for test_vit resizes to 168 and centre-crops 160 (crop_pct), so a
+    # band of 4 px on each side of a 168 px image is not what the ViT saw.
+    geometry = render.model_geometry("timm", "test_vit", (160, 160))
+    assert geometry is not None
+    img = Image.new("RGB", (168, 168), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 4, 168))  # a red band the crop removes
+    arr = render.prepare_image(img, (160, 160), geometry)
+    assert arr.shape == (160, 160, 3)
+    assert arr[:, :, 0].max() < 30
+    # Without the model's geometry the red band would be kept.
+    assert render.prepare_image(img, (160, 160))[:, 0, 0].min() > 200
+    # An architecture that can't be rebuilt falls back to the default geometry.
+    assert render.model_geometry("timm", "no_such_model_xyz", (160, 160)) is None

@@ -371,6 +371,7 @@ def render_latents(
     latent_t = torch.as_tensor(latents, device=device)
     vmax = np.maximum(result.values[latents, 0], 1e-12)  # each latent's strongest top image
 
+    geometry = render.model_geometry(md.vit_family, md.vit_ckpt, md.image_size)
     views_imgs: list[list[site.ImageView | None]] = [[None] * result.top_n for _ in latents]
     n_missing = 0
     bar = tqdm(total=len(imgs), unit="img", desc="rendering", dynamic_ncols=True)
@@ -382,7 +383,7 @@ def render_latents(
             grids = f.index_select(2, latent_t).cpu().numpy()  # [b, n_patches, len(latents)]
             for bi, img in enumerate(batch):
                 rel = index.path(img) if index is not None else ""
-                image = render.load_image(image_root / rel, md.image_size) if rel else None
+                image = render.load_image(image_root / rel, md.image_size, geometry) if rel else None
                 missing = image is None
                 n_missing += missing
                 if missing:

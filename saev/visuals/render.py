@@ -1,8 +1,9 @@
 """Heatmaps: one latent's activation over the patch grid, drawn on the image the ViT saw.
 
-The image is resized (shorter side) and centre-cropped to the recording's `image_size`, the
-usual ViT preprocessing, so patch (r, c) of the grid covers the same pixels it covered in
-the ViT. Each patch's value is spread over its block of pixels (nearest neighbour, so a
+The image goes through the geometric part of the recording model's own transform (its resize
+and crop, e.g. timm's crop_pct resize-then-crop or SigLIP's squash), so patch (r, c) of the
+grid covers the same pixels it covered in the ViT. Only when that transform can't be rebuilt
+do we fall back to the usual shorter-side resize and centre crop. Each patch's value is spread over its block of pixels (nearest neighbour, so a
 patch lights exactly its own region), colour-mapped, and blended over the image with an
 alpha proportional to the value: patches where the latent is silent leave the image as is.
 """
@@ -10,6 +11,7 @@ alpha proportional to the value: patches where the latent is silent leave the im
 import functools
 import os
 import pathlib
+import typing
 
 import matplotlib
 import numpy as np
@@ -21,10 +23,57 @@ MAX_ALPHA = 0.8
 """Opacity of the strongest patch, so the image stays visible under the heatmap."""
 
 
-def prepare_image(img: Image.Image, size: tuple[int, int]) -> UInt8[np.ndarray, "h w 3"]:
-    """Resize the shorter side and centre-crop to `size` (height, width), as RGB uint8."""
+Geometry = typing.Callable[[Image.Image], Image.Image]
+"""PIL image -> PIL image of the recording's `image_size`: the ViT transform before ToTensor."""
+
+# Steps of a torchvision/open_clip/timm transform that leave PIL space: we stop there.
+_TENSOR_STEPS = {"ToTensor", "MaybeToTensor", "PILToTensor", "Normalize", "ToDtype", "ToImage"}
+
+
+def model_geometry(vit_family: str, vit_ckpt: str, size: tuple[int, int]) -> Geometry | None:
+    """The resize/crop steps of the model's eval transform, or None if it can't be rebuilt.
+
+    The transform is built from the architecture alone (no weights), and checked to produce
+    exactly `size`; anything else (an unknown model, a transform that isn't a Compose) falls
+    back to `prepare_image`'s default geometry.
+    """
+    from saev.vits import make_img_transform
+
+    try:
+        transform = make_img_transform(vit_family, vit_ckpt)
+    except Exception:  # noqa: BLE001 -- any failure just means "use the default geometry"
+        return None
+    steps = []
+    for step in getattr(transform, "transforms", []):
+        if type(step).__name__ in _TENSOR_STEPS:
+            break
+        steps.append(step)
+    else:
+        return None
+
+    def geometry(img: Image.Image) -> Image.Image:
+        for step in steps:
+            img = step(img)
+        return img
+
+    probe = geometry(Image.new("RGB", (size[1] * 2 + 3, size[0] + 5)))
+    if not isinstance(probe, Image.Image) or (probe.height, probe.width) != tuple(size):
+        return None
+    return geometry
+
+
+def prepare_image(
+    img: Image.Image, size: tuple[int, int], geometry: Geometry | None = None
+) -> UInt8[np.ndarray, "h w 3"]:
+    """The image as the ViT saw it, `size` (height, width), RGB uint8.
+
+    With `geometry` (from `model_geometry`) that is the model's own resize/crop; without it,
+    a shorter-side resize and centre crop.
+    """
     h, w = size
     img = img.convert("RGB")
+    if geometry is not None:
+        return np.asarray(geometry(img).convert("RGB"), dtype=np.uint8)
     scale = max(h / img.height, w / img.width)
     new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
     img = img.resize(new, Image.Resampling.BICUBIC)
@@ -32,11 +81,13 @@ def prepare_image(img: Image.Image, size: tuple[int, int]) -> UInt8[np.ndarray, 
     return np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int]) -> UInt8[np.ndarray, "h w 3"] | None:
+def load_image(
+    path: str | os.PathLike, size: tuple[int, int], geometry: Geometry | None = None
+) -> UInt8[np.ndarray, "h w 3"] | None:
     """The prepared image at `path`, or None when it is missing or unreadable."""
     try:
         with Image.open(path) as img:
-            return prepare_image(img, size)
+            return prepare_image(img, size, geometry)
     except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError):
         return None
 
