@@ -104,3 +104,12 @@ def test_fairface_layout(tmp_path):
     (root / "fairface_label_train.csv").unlink()
     with pytest.raises(UserError, match="fairface_label_train.csv: missing"):
         FairFace(root=root, split="train").load()
+
+
+def test_fairface_all_records_both_splits_with_a_split_column(tmp_path):
+    root = make_fairface(tmp_path, n=3)
+    il = FairFace(root=root, split="all").load()
+    assert il.paths == [f"{s}/{i}.jpg" for s in ("train", "val") for i in (1, 2, 3)]
+    assert il.labels["split"] == ["train"] * 3 + ["val"] * 3
+    assert list(il.labels) == ["age", "gender", "race", "service_test", "split"]
+    assert il.data["split"] == "all"
