@@ -1,0 +1,145 @@
+"""Training-step time of TopK SAEs: a loop over S separate SAEs vs one stack, dense vs sparse decode.
+
+For each width and S it times one full step (forward, backward, StackAdam step) of
+  (a) loop:   S separate single-SAE stacks, each run on the batch in a Python loop (dense top-k
+              decode: codes scattered to [B, d_sae] and multiplied by W_dec, as the reference saev does),
+  (b) stack:  one stack of S members with that same dense decode,
+  (c) sparse: one stack of S members with saev's sparse encoder backward and embedding-bag decode,
+and the time of the encoder forward matmul alone. It prints the ratios of DESIGN §8:
+stack vs loop (want >= 1 at every S) and topk step / encoder matmul (want <= 1.5).
+
+    python benchmarks/sae_step.py                # full sizes: d=768, widths 8x,16x, k=32, batch 4096, S 1,4,16 (GPU)
+    python benchmarks/sae_step.py --quick        # small sizes that finish in minutes on a CPU
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import saev.nn
+
+
+def dense_topk_step(stack: saev.nn.Stack, opt: saev.nn.StackAdam, x: torch.Tensor) -> None:
+    """A dense top-k step on the stack's own parameters (the baseline the sparse path replaces)."""
+    xs = stack.scaled(x)
+    pre = stack.pre_acts(xs)
+    k = int(stack.hp("k").max())
+    top = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    recon = torch.baddbmm(stack.b_dec[:, None, :], f, stack.W_dec)
+    loss = (xs - recon).pow(2).sum(-1).mean(-1)
+    opt.zero_grad()
+    loss.sum().backward()
+    opt.step()
+
+
+def sparse_step(stack: saev.nn.Stack, opt: saev.nn.StackAdam, x: torch.Tensor) -> None:
+    out = stack(x)
+    opt.zero_grad()
+    out.losses["total"].sum().backward()
+    opt.step()
+
+
+def timed(fn, iters: int, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_group(
+    args, d_sae: int, S: int, x: torch.Tensor, device: torch.device
+) -> tuple[float, float, float]:
+    """Seconds per step of (a) the loop, (b) the dense stack, (c) the sparse stack."""
+    members = [{"k": args.k, "seed": i} for i in range(S)]
+    singles = [
+        saev.nn.make_stack("topk", d_vit=args.d, d_sae=d_sae, members=[m], device=device)
+        for m in members
+    ]
+    single_opts = [saev.nn.StackAdam(s, lr=1e-4) for s in singles]
+    stack = saev.nn.make_stack("topk", d_vit=args.d, d_sae=d_sae, members=members, device=device)
+    opt = saev.nn.StackAdam(stack, lr=1e-4)
+
+    def loop():
+        for s, o in zip(singles, single_opts, strict=True):
+            dense_topk_step(s, o, x)
+
+    t_loop = timed(loop, args.iters, device)
+    t_stack = timed(lambda: dense_topk_step(stack, opt, x), args.iters, device)
+    t_sparse = timed(lambda: sparse_step(stack, opt, x), args.iters, device)
+    return t_loop, t_stack, t_sparse
+
+
+def bench_matmul_ratio(
+    args, d_sae: int, x: torch.Tensor, device: torch.device
+) -> tuple[float, float]:
+    """Seconds of the encoder forward matmul alone and of a full (sparse) topk step, one SAE."""
+    one = saev.nn.make_stack(
+        "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
+    )
+    opt = saev.nn.StackAdam(one, lr=1e-4)
+    xs = x[None]
+    with torch.no_grad():
+        t_mm = timed(
+            lambda: torch.baddbmm(one.b_enc[:, None, :], xs, one.W_enc), args.iters, device
+        )
+    t_step = timed(lambda: sparse_step(one, opt, x), args.iters, device)
+    return t_mm, t_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="d=128, width 8x, batch 1024, S 1,4, k=16"
+    )
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16], help="expansion factors")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--S", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if args.quick:
+        args.d, args.widths, args.batch, args.S, args.k, args.iters = 128, [8], 1024, [1, 4], 16, 3
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    print(
+        f"device={device} d={args.d} k={args.k} batch={args.batch} threads={torch.get_num_threads()}"
+    )
+    x = torch.randn(args.batch, args.d, device=device)
+    print(
+        f"{'width':>7} {'S':>3} {'loop ms':>9} {'stack ms':>9} {'sparse ms':>9} {'stack/loop':>10} {'sparse/loop':>11}"
+    )
+    for width in args.widths:
+        for S in args.S:
+            t_loop, t_stack, t_sparse = bench_group(args, width * args.d, S, x, device)
+            print(
+                f"{width:>6}x {S:>3} {t_loop * 1e3:9.1f} {t_stack * 1e3:9.1f} {t_sparse * 1e3:9.1f}"
+                f" {t_loop / t_stack:10.2f} {t_loop / t_sparse:11.2f}"
+            )
+        t_mm, t_step = bench_matmul_ratio(args, width * args.d, x, device)
+        print(
+            f"  width {width}x: encoder matmul {t_mm * 1e3:.1f} ms, topk step {t_step * 1e3:.1f} ms,"
+            f" ratio {t_step / t_mm:.2f}"
+        )
+    print(
+        "stack/loop, sparse/loop: > 1 means faster than the loop. ratio: topk step / encoder matmul (target <= 1.5)."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The deterministic SAE families: relu, topk, batchtopk, matryoshka, jumprelu, gated.
+
+Each class only says how a member turns its scaled input into codes and which sparsity
+or auxiliary loss it adds; stack.py does the rest. Formulas: DESIGN §4 and the papers
+cited per class. Top-k style families keep their codes sparse (values + indices) and
+use the sparse encoder backward and embedding-bag decode of sparse.py.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from saev.nn import sparse
+from saev.nn.stack import Codes, Stack
+
+
+class ReLUStack(Stack):
+    """f = ReLU(pre); loss λ·Σᵢ fᵢ (decoder rows are unit norm, so this is Σ fᵢ‖W_dec,ᵢ‖)."""
+
+    family = "relu"
+
+    def _encode(self, xs, train, warm):
+        f = torch.relu(self.pre_acts(xs))
+        lam = self.hp("sparsity_coeff") * warm
+        return (
+            Codes(self.S, xs.shape[1], self.d_sae, dense=f),
+            {"sparsity": lam * f.sum(-1).mean(-1)},
+            None,
+        )
+
+
+def _rank_mask(k: Tensor, width: int) -> Tensor:
+    """[S, 1, width] bool: rank j < k[s] (torch.topk returns values sorted, so rank = position)."""
+    return torch.arange(width, device=k.device)[None, None, :] < k[:, None, None]
+
+
+class TopKStack(Stack):
+    """Gao et al. 2024: keep the k largest of ReLU(pre) per token; AuxK revives dead latents."""
+
+    family = "topk"
+    uses_auxk = True
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.W_enc.requires_grad
+
+    def _select(self, pre: Tensor, xs: Tensor, pos: Tensor) -> Tensor:
+        """Values of `pre` at flat positions `pos`, with a sparse gradient when training."""
+        if self._needs_grad():
+            return sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, pos)
+        return pre.reshape(self.S, -1).gather(1, pos)
+
+    def _topk_codes(self, xs: Tensor) -> tuple[Codes, Tensor]:
+        S, B = xs.shape[:2]
+        with torch.no_grad():
+            pre = self.pre_acts(xs)
+        k = self.hp("k")
+        kmax = min(int(k.max()), self.d_sae)
+        idx = pre.topk(kmax, dim=-1, sorted=True).indices
+        pos = (idx + torch.arange(B, device=idx.device)[None, :, None] * self.d_sae).reshape(S, -1)
+        vals = torch.relu(self._select(pre, xs, pos).view(S, B, kmax)) * _rank_mask(k, kmax)
+        return Codes(S, B, self.d_sae, idx=idx, vals=vals), pre
+
+    def _encode(self, xs, train, warm):
+        codes, pre = self._topk_codes(xs)
+        return codes, {}, pre
+
+    def _aux_loss(self, xs: Tensor, recon: Tensor, pre: Tensor) -> Tensor | None:
+        """AuxK: the k_aux largest pre-activations among dead latents model the residual."""
+        if pre is None:
+            return None
+        dead = self.dead_mask()
+        has_dead = dead.any(-1)
+        if not bool(has_dead.any()):
+            return None
+        S, B = xs.shape[:2]
+        k_aux = self.hp("k_aux")
+        kmax = min(int(k_aux.max()), self.d_sae)
+        with torch.no_grad():
+            top = pre.masked_fill(~dead[:, None, :], -math.inf).topk(kmax, dim=-1, sorted=True)
+            valid = torch.isfinite(top.values) & _rank_mask(k_aux, kmax)
+        pos = (
+            top.indices + torch.arange(B, device=pre.device)[None, :, None] * self.d_sae
+        ).reshape(S, -1)
+        vals = torch.relu(self._select(pre, xs, pos).view(S, B, kmax)) * valid
+        resid = (xs - recon).detach()
+        resid_hat = sparse.decode_fixed(self.W_dec, torch.zeros_like(self.b_dec), top.indices, vals)
+        err = (resid - resid_hat).pow(2).sum((-1, -2))
+        var = (xs - xs.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
+        return torch.where(has_dead, self.hp("aux_coeff") * err / var, 0.0)
+
+
+class BatchTopKStack(TopKStack):
+    """Bussmann et al. 2024: keep the k·B largest of ReLU(pre) over the batch; at inference
+    each token keeps pre > θ, θ an EMA of the smallest kept activation per training batch."""
+
+    family = "batchtopk"
+
+    def _init_family(self):
+        self.register_buffer("threshold", torch.zeros(self.S))
+        self.register_buffer("threshold_updates", torch.zeros(self.S, dtype=torch.long))
+
+    def _batchtopk_codes(self, xs: Tensor, train: bool) -> tuple[Codes, Tensor]:
+        S, B = xs.shape[:2]
+        if not train:
+            pre = self.pre_acts(xs)
+            f = torch.relu(pre) * (pre > self.threshold[:, None, None])
+            return Codes(S, B, self.d_sae, dense=f), None
+        with torch.no_grad():
+            pre = self.pre_acts(xs)
+        kB = self.hp("k") * B
+        kmax = min(int(kB.max()), B * self.d_sae)
+        with torch.no_grad():
+            top = pre.reshape(S, -1).topk(kmax, dim=-1, sorted=True)
+            keep = (torch.arange(kmax, device=pre.device)[None, :] < kB[:, None]) & (top.values > 0)
+            self._update_threshold(top.values, keep)
+            pos, order = top.indices.sort(dim=-1)
+            keep = keep.gather(1, order)
+        vals = torch.relu(self._select(pre, xs, pos)) * keep
+        return Codes(S, B, self.d_sae, pos=pos, vals=vals), pre
+
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor, keep: Tensor) -> None:
+        smallest = torch.where(keep, values, math.inf).min(-1).values
+        ok = torch.isfinite(smallest) & ~self.frozen
+        decay = self.hp("threshold_decay")
+        ema = torch.where(
+            self.threshold_updates > 0, decay * self.threshold + (1 - decay) * smallest, smallest
+        )
+        self.threshold.copy_(torch.where(ok, ema, self.threshold))
+        self.threshold_updates.add_(ok.long())
+
+    def _encode(self, xs, train, warm):
+        codes, pre = self._batchtopk_codes(xs, train)
+        return codes, {}, pre
+
+
+class MatryoshkaStack(BatchTopKStack):
+    """Bussmann/Nabeshima 2025: the reconstruction loss is summed over nested prefixes of the
+    latents, so early latents learn general features on their own. Base rule topk or batchtopk."""
+
+    family = "matryoshka"
+
+    def _prefixes(self) -> list[int]:
+        fracs = self.members[0]["prefix_fracs"]
+        return sorted({max(1, round(f * self.d_sae)) for f in fracs})
+
+    def _encode(self, xs, train, warm):
+        if self.members[0]["base"] == "topk":
+            codes, pre = self._topk_codes(xs)
+        else:
+            codes, pre = self._batchtopk_codes(xs, train)
+        return codes, {}, pre
+
+    def _recon_loss(self, xs, codes, recon):
+        loss = (xs - recon).pow(2).sum(-1).mean(-1)
+        for n in self._prefixes()[:-1]:  # the last prefix is all latents: `loss` already
+            part = self.decode_codes(codes.masked(n))
+            loss = loss + (xs - part).pow(2).sum(-1).mean(-1)
+        return loss
+
+
+def _rect(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z·H(z − θ); ∂/∂z = H(z − θ), ∂/∂θ = −(θ/ε)·rect((z − θ)/ε) (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta, eps)
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta, eps = ctx.saved_tensors
+        grad_z = g * (z > theta)
+        grad_theta = (g * (-theta / eps) * _rect((z - theta) / eps)).sum(1, keepdim=True)
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ); ∂/∂z = 0, ∂/∂θ = −(1/ε)·rect((z − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta, eps)
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta, eps = ctx.saved_tensors
+        grad_theta = (g * (-1.0 / eps) * _rect((z - theta) / eps)).sum(1, keepdim=True)
+        return None, grad_theta, None
+
+
+def jumprelu_codes(stack: Stack, z: Tensor, warm: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes and the L0 sparsity loss of a JumpReLU rule applied to z [S, B, F]."""
+    theta = stack.log_threshold.exp()[:, None, :]
+    eps = stack.hp("bandwidth")[:, None, None].to(z.dtype)
+    f = _JumpReLU.apply(z, theta, eps)
+    l0 = _Step.apply(z, theta, eps).sum(-1).mean(-1)
+    lam = stack.hp("sparsity_coeff") * warm
+    target = stack.hp("target_l0")
+    targeted = (l0 / target.clamp_min(1e-12) - 1).pow(2)
+    return f, lam * torch.where(target > 0, targeted, l0)
+
+
+class JumpReLUStack(Stack):
+    """Rajamanoharan et al. 2024 (JumpReLU): learned per-latent threshold θ = exp(log θ),
+    straight-through rectangle-kernel gradients; λ·L0 or the target form λ(L0/L0* − 1)²."""
+
+    family = "jumprelu"
+
+    def _init_family(self):
+        init = self.hp("threshold_init").log()[:, None].expand(self.S, self.d_sae)
+        self.log_threshold = nn.Parameter(init.clone())
+
+    def _encode(self, xs, train, warm):
+        f, sparsity = jumprelu_codes(self, self.pre_acts(xs), warm)
+        return Codes(self.S, xs.shape[1], self.d_sae, dense=f), {"sparsity": sparsity}, None
+
+
+def gated_paths(stack: Stack, xs: Tensor) -> tuple[Tensor, Tensor]:
+    """π_gate = x~W + b_gate and π_mag = x~(W ⊙ e^{r_mag}) + b_mag, sharing one matmul."""
+    xw = torch.bmm(xs - stack.b_dec[:, None, :], stack.W_enc)
+    pi_gate = xw + stack.b_enc[:, None, :]
+    pi_mag = xw * stack.r_mag.exp()[:, None, :] + stack.b_mag[:, None, :]
+    return pi_gate, pi_mag
+
+
+def gated_losses(stack: Stack, xs: Tensor, pi_gate: Tensor, warm: Tensor) -> dict[str, Tensor]:
+    """λ‖ReLU(π_gate)‖₁ and ‖xs − (ReLU(π_gate) W_dec + b_dec)‖² with the decoder detached."""
+    gate = torch.relu(pi_gate)
+    frozen_recon = torch.baddbmm(stack.b_dec.detach()[:, None, :], gate, stack.W_dec.detach())
+    return {
+        "sparsity": stack.hp("sparsity_coeff") * warm * gate.sum(-1).mean(-1),
+        "aux": (xs - frozen_recon).pow(2).sum(-1).mean(-1),
+    }
+
+
+class GatedStack(Stack):
+    """Rajamanoharan et al. 2024 (Gated SAE): f = 1[π_gate > 0]·ReLU(π_mag), W_gate = W_enc."""
+
+    family = "gated"
+
+    def _init_family(self):
+        self.r_mag = nn.Parameter(torch.zeros(self.S, self.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(self.S, self.d_sae))
+
+    def _encode(self, xs, train, warm):
+        pi_gate, pi_mag = gated_paths(self, xs)
+        f = (pi_gate > 0) * torch.relu(pi_mag)
+        return (
+            Codes(self.S, xs.shape[1], self.d_sae, dense=f),
+            gated_losses(self, xs, pi_gate, warm),
+            None,
+        )

@@ -1,0 +1,125 @@
+"""Which SAE families exist and which per-member hyperparameters each one takes.
+
+A sweep sets these per member of a stack; the trainer validates its sweep keys against
+`HPARAMS` and groups members into stacks by family, width and `GROUP_HPARAMS` (the
+structural keys that must be equal inside one stack). Learning rate, batch size and
+schedules belong to the trainer, not here. Meaning of every key: docs/families.md.
+"""
+
+import math
+import typing
+
+from saev.errors import UserError
+
+FAMILIES = (
+    "relu",
+    "topk",
+    "batchtopk",
+    "jumprelu",
+    "gated",
+    "matryoshka",
+    "vsae-topk",
+    "vsae-gated",
+    "vsae-jumprelu",
+    "vsae-iso",
+    "vsae-mixture",
+)
+
+_COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
+_AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}
+_JUMP = {"sparsity_coeff": 1.0, "target_l0": 0.0, "bandwidth": 0.001, "threshold_init": 0.001}
+_VAR = {"kl_coeff": 1.0, "logvar_min": -8.0, "logvar_max": 4.0}
+
+HPARAMS: dict[str, dict[str, typing.Any]] = {
+    "relu": {**_COMMON, "sparsity_coeff": 5.0},
+    "topk": {**_COMMON, **_AUXK},
+    "batchtopk": {**_COMMON, **_AUXK, "threshold_decay": 0.99},
+    "jumprelu": {**_COMMON, **_JUMP},
+    "gated": {**_COMMON, "sparsity_coeff": 1.0},
+    "matryoshka": {
+        **_COMMON,
+        **_AUXK,
+        "threshold_decay": 0.99,
+        "base": "batchtopk",
+        "prefix_fracs": [0.0625, 0.125, 0.25, 0.5, 1.0],
+    },
+    "vsae-topk": {**_COMMON, "k": 32, **_VAR},
+    "vsae-gated": {**_COMMON, "sparsity_coeff": 1.0, **_VAR},
+    "vsae-jumprelu": {**_COMMON, **_JUMP, **_VAR},
+    "vsae-iso": {**_COMMON, **_VAR},
+    "vsae-mixture": {**_COMMON, **_VAR, "prior_corr": 0.5},
+}
+
+GROUP_HPARAMS: dict[str, frozenset[str]] = {
+    fam: frozenset({"base", "prefix_fracs"} if fam == "matryoshka" else set()) for fam in FAMILIES
+}
+
+# Keys whose values must be integers >= 0 (k, k_aux >= 1 where present).
+_INT_KEYS = {"seed", "dead_after_tokens", "k", "k_aux"}
+
+
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise UserError(f"unknown SAE family {family!r}; expected one of {', '.join(FAMILIES)}.")
+    return family
+
+
+def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typing.Any]:
+    """Return `member` with defaults filled in; UserError on an unknown key or a bad value."""
+    defaults = HPARAMS[check_family(family)]
+    unknown = sorted(set(member) - set(defaults))
+    if unknown:
+        raise UserError(
+            f"SAE family {family!r} has no hyperparameter {unknown[0]!r}; "
+            f"allowed: {', '.join(sorted(defaults))}."
+        )
+    hp = {**defaults, **member}
+    for key, value in hp.items():
+        if key in _INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(
+                    f"{family} hyperparameter {key}={value!r}: expected an integer >= 0."
+                )
+        elif key == "base":
+            if value not in ("topk", "batchtopk"):
+                raise UserError(f"matryoshka base={value!r}: expected 'topk' or 'batchtopk'.")
+        elif key == "prefix_fracs":
+            ok = (
+                isinstance(value, (list, tuple))
+                and len(value) > 0
+                and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in value)
+                and list(value) == sorted(set(value))
+                and value[-1] == 1
+            )
+            if not ok:
+                raise UserError(
+                    f"matryoshka prefix_fracs={value!r}: expected increasing fractions in (0, 1] ending at 1."
+                )
+            hp[key] = [float(v) for v in value]
+        else:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise UserError(
+                    f"{family} hyperparameter {key}={value!r}: expected a finite number."
+                )
+            hp[key] = float(value)
+    for key in ("k", "k_aux", "bandwidth", "threshold_init"):
+        if key in hp and hp[key] <= 0:
+            raise UserError(f"{family} hyperparameter {key}={hp[key]!r}: expected a value > 0.")
+    if "threshold_decay" in hp and not 0 <= hp["threshold_decay"] < 1:
+        raise UserError(
+            f"{family} threshold_decay={hp['threshold_decay']!r}: expected 0 <= value < 1."
+        )
+    if "prior_corr" in hp and not -1 < hp["prior_corr"] < 1:
+        raise UserError(f"{family} prior_corr={hp['prior_corr']!r}: expected -1 < value < 1.")
+    if "logvar_min" in hp and hp["logvar_min"] >= hp["logvar_max"]:
+        raise UserError(
+            f"{family} logvar_min={hp['logvar_min']!r} must be below logvar_max={hp['logvar_max']!r}."
+        )
+    for key in ("sparsity_coeff", "aux_coeff", "kl_coeff", "target_l0"):
+        if key in hp and hp[key] < 0:
+            raise UserError(f"{family} hyperparameter {key}={hp[key]!r}: expected a value >= 0.")
+    return hp

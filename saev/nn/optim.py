@@ -1,0 +1,112 @@
+"""Adam for a stack: per-member learning rate and gradient-norm clipping, decoder-norm
+constraint, and members that stop (freeze) on a non-finite loss while the others go on.
+
+All members are updated at once with [S]-shaped per-member factors; the update of member
+i uses only member i's gradients, so it equals running Adam on that SAE alone.
+"""
+
+import typing
+
+import torch
+from torch import Tensor
+
+from saev.nn.stack import Stack
+
+
+def _per_member(value, S: int, device) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return t.expand(S).clone() if t.ndim == 0 else t.reshape(S).clone()
+
+
+class StackAdam:
+    """Adam over every parameter of `stack` (each has a leading S axis)."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        lr: float | typing.Sequence[float] | Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        max_grad_norm: float | typing.Sequence[float] | Tensor = 1.0,
+    ):
+        self.stack = stack
+        self.params = [p for p in stack.parameters() if p.requires_grad]
+        device = stack.W_dec.device
+        self.lr = _per_member(lr, stack.S, device)
+        self.max_grad_norm = _per_member(max_grad_norm, stack.S, device)
+        self.betas, self.eps = betas, eps
+        self.steps = torch.zeros(stack.S, dtype=torch.long, device=device)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def set_lr(self, lr: float | typing.Sequence[float] | Tensor) -> None:
+        self.lr.copy_(_per_member(lr, self.stack.S, self.lr.device))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, loss: Tensor | None = None) -> Tensor:
+        """One update of every live member; returns [S] bool of members frozen by this call."""
+        stack, S = self.stack, self.stack.S
+        stack.project_decoder_grad()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        sq = torch.zeros(S, device=self.lr.device)
+        for g in grads:
+            sq += g.float().pow(2).reshape(S, -1).sum(-1)
+        bad = ~torch.isfinite(sq)
+        if loss is not None:
+            bad |= ~torch.isfinite(loss.detach().to(bad.device))
+        newly = bad & ~stack.frozen
+        stack.frozen |= bad
+        active = ~stack.frozen
+
+        norm = sq.sqrt()
+        clip = torch.where(
+            self.max_grad_norm > 0,
+            (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0),
+            torch.ones_like(norm),
+        )
+        self.steps += active.long()
+        b1, b2 = self.betas
+        steps = self.steps.clamp_min(1).double()  # 1 - 0.999**t loses digits in float32
+        bias1 = 1 - b1**steps
+        bias2_sqrt = (1 - b2**steps).sqrt()
+        step_size = torch.where(active, self.lr.double() / bias1, 0.0)
+        any_frozen = bool(stack.frozen.any())
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+            shape = (S,) + (1,) * (p.ndim - 1)
+            g = g * clip.view(shape).to(g.dtype)
+            if any_frozen:
+                keep = active.view(shape)
+                g = torch.where(keep, g, 0.0)
+                m.copy_(torch.where(keep, m * b1 + g * (1 - b1), m))
+                v.copy_(torch.where(keep, v * b2 + g * g * (1 - b2), v))
+            else:
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bias2_sqrt.view(shape).to(v.dtype)).add_(self.eps)
+            p.addcdiv_(m * step_size.view(shape).to(p.dtype), denom, value=-1.0)
+        stack.normalize_decoder()
+        return newly
+
+    def state_dict(self) -> dict[str, typing.Any]:
+        return {
+            "lr": self.lr.clone(),
+            "max_grad_norm": self.max_grad_norm.clone(),
+            "steps": self.steps.clone(),
+            "exp_avg": [m.clone() for m in self.exp_avg],
+            "exp_avg_sq": [v.clone() for v in self.exp_avg_sq],
+        }
+
+    def load_state_dict(self, state: dict[str, typing.Any]) -> None:
+        self.lr.copy_(state["lr"])
+        self.max_grad_norm.copy_(state["max_grad_norm"])
+        self.steps.copy_(state["steps"])
+        for dst, src in zip(
+            self.exp_avg + self.exp_avg_sq,
+            list(state["exp_avg"]) + list(state["exp_avg_sq"]),
+            strict=True,
+        ):
+            dst.copy_(src)

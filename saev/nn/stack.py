@@ -1,0 +1,282 @@
+"""The shared mechanics of every SAE family, for a stack of S independent SAEs.
+
+A stack holds S SAEs of one family and one width as parameters with a leading S axis
+(W_enc [S, d, F], b_enc [S, F], W_dec [S, F, d], b_dec [S, d], scale [S], ...) and runs them
+with batched matmuls on one input batch. Members never share state: every reduction is
+over the batch or feature axes, never over S, so a member trained in a stack follows the
+same trajectory as when trained alone.
+
+Notation follows DESIGN §4: s is the stored input scale, xs = s*x, x~ = xs - b_dec,
+pre = x~ W_enc + b_enc, reconstruction f W_dec + b_dec in the scaled space, x_hat = that / s.
+Families (families.py, vsae.py) provide `_encode`; this module provides init, decoding,
+the reconstruction loss, dead-latent counters and the decoder-norm constraint.
+"""
+
+import abc
+import dataclasses
+import math
+import typing
+
+import torch
+from torch import Tensor, nn
+
+from saev.errors import UserError
+from saev.nn import hparams, sparse
+
+LOSS_KEYS = ("recon", "sparsity", "aux", "kl")
+
+
+@dataclasses.dataclass
+class Codes:
+    """One batch's codes: dense `f` [S, B, F], or sparse values with fixed-width `idx` [S, B, K]
+    (per-token top-k) or flat sorted positions `pos` [S, N] into [B*F] (BatchTopK)."""
+
+    S: int
+    B: int
+    d_sae: int
+    dense: Tensor | None = None
+    idx: Tensor | None = None
+    pos: Tensor | None = None
+    vals: Tensor | None = None
+
+    def to_dense(self) -> Tensor:
+        if self.dense is not None:
+            return self.dense
+        f = self.vals.new_zeros(self.S, self.B * self.d_sae)
+        if self.idx is not None:
+            b = torch.arange(self.B, device=self.idx.device)[None, :, None] * self.d_sae
+            return f.scatter_add(
+                1, (self.idx + b).reshape(self.S, -1), self.vals.reshape(self.S, -1)
+            ).view(self.S, self.B, self.d_sae)
+        return f.scatter_add(1, self.pos, self.vals).view(self.S, self.B, self.d_sae)
+
+    def features(self) -> Tensor:
+        """Latent index of every sparse value (same shape as `vals`)."""
+        return self.idx if self.idx is not None else self.pos % self.d_sae
+
+    @torch.no_grad()
+    def fired(self) -> Tensor:
+        """[S, F] bool: latents nonzero on at least one token of the batch."""
+        if self.dense is not None:
+            return (self.dense != 0).any(1)
+        counts = torch.zeros(self.S, self.d_sae, device=self.vals.device)
+        nonzero = (self.vals.detach() != 0).reshape(self.S, -1).to(counts.dtype)
+        return counts.scatter_add_(1, self.features().reshape(self.S, -1), nonzero) > 0
+
+    @torch.no_grad()
+    def l0(self) -> Tensor:
+        """[S] mean number of nonzero latents per token."""
+        if self.dense is not None:
+            return (self.dense != 0).sum(-1).float().mean(-1)
+        return (self.vals != 0).reshape(self.S, -1).sum(-1).float() / self.B
+
+    def masked(self, n_first: int) -> "Codes":
+        """The codes restricted to latents [0, n_first) (Matryoshka prefixes)."""
+        if self.dense is not None:
+            keep = torch.arange(self.d_sae, device=self.dense.device) < n_first
+            return dataclasses.replace(self, dense=self.dense * keep)
+        return dataclasses.replace(self, vals=self.vals * (self.features() < n_first))
+
+
+@dataclasses.dataclass
+class StackOutput:
+    codes: Codes
+    x_hat: Tensor  # [S, B, d] raw units
+    losses: dict[str, Tensor]  # each [S]
+    l0: Tensor  # [S]
+
+    @property
+    def f(self) -> Tensor:
+        """[S, B, d_sae] codes as a dense tensor."""
+        return self.codes.to_dense()
+
+
+class Stack(nn.Module, abc.ABC):
+    """S independent SAEs of one family and width. Subclasses set `family` and `_encode`."""
+
+    family: typing.ClassVar[str]
+    uses_auxk: typing.ClassVar[bool] = False
+
+    def __init__(self, d_vit: int, d_sae: int, members: list[dict[str, typing.Any]]):
+        super().__init__()
+        if not members:
+            raise UserError(f"a {self.family} stack needs at least one member; got an empty list.")
+        if d_vit <= 0 or d_sae <= 0:
+            raise UserError(f"SAE sizes must be positive; got d_vit={d_vit}, d_sae={d_sae}.")
+        self.members = [hparams.check_hparams(self.family, dict(m)) for m in members]
+        for key in hparams.GROUP_HPARAMS[self.family]:
+            values = {repr(m[key]) for m in self.members}
+            if len(values) > 1:
+                raise UserError(
+                    f"{self.family} hyperparameter {key!r} must be equal within one stack; got {sorted(values)}."
+                )
+        self.d_vit, self.d_sae, self.S = d_vit, d_sae, len(self.members)
+
+        # Hyperparameters as [S] tensors (non-persistent: config.json is their record).
+        for key, default in hparams.HPARAMS[self.family].items():
+            if isinstance(default, (int, float)):
+                dtype = (
+                    torch.long
+                    if key in ("seed", "dead_after_tokens", "k", "k_aux")
+                    else torch.float32
+                )
+                values = torch.tensor([m[key] for m in self.members], dtype=dtype)
+                self.register_buffer(f"hp_{key}", values, persistent=False)
+
+        # Decoder rows: Gaussian, unit norm, seeded per member; W_enc = W_dec^T (DESIGN §4).
+        gens = [torch.Generator().manual_seed(m["seed"]) for m in self.members]
+        W_dec = torch.stack([torch.randn(d_sae, d_vit, generator=g) for g in gens])
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(self.S, d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(self.S, d_vit))
+        self.register_buffer("scale", torch.ones(self.S))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.S, d_sae, dtype=torch.long))
+        self.register_buffer("frozen", torch.zeros(self.S, dtype=torch.bool))
+        self._init_family()
+
+    def _init_family(self) -> None:
+        """Extra parameters and buffers of a family (all with a leading S axis)."""
+
+    def hp(self, key: str) -> Tensor:
+        return getattr(self, f"hp_{key}")
+
+    def extra_repr(self) -> str:
+        return f"family={self.family}, S={self.S}, d_vit={self.d_vit}, d_sae={self.d_sae}"
+
+    # ---- data-dependent init -------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Set the input scale (E||s*x|| = sqrt(d_vit)) and b_dec = geometric median of s*x."""
+        x = x.to(self.W_dec.device, torch.float32)
+        if x.ndim == 2:
+            x = x[None].expand(self.S, *x.shape)
+        if x.ndim != 3 or x.shape[0] != self.S or x.shape[-1] != self.d_vit:
+            raise UserError(
+                f"init sample must be [N, {self.d_vit}] or [{self.S}, N, {self.d_vit}]; got {list(x.shape)}."
+            )
+        mean_norm = x.norm(dim=-1).mean(-1).clamp_min(1e-12)
+        self.scale.copy_(math.sqrt(self.d_vit) / mean_norm)
+        xs = x * self.scale[:, None, None]
+        self.b_dec.copy_(sparse.geometric_median(xs).to(self.b_dec.dtype))
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def scaled(self, x: Tensor) -> Tensor:
+        """Raw [B, d] or [S, B, d] -> s*x as [S, B, d]."""
+        if (
+            x.shape[-1] != self.d_vit
+            or x.ndim not in (2, 3)
+            or (x.ndim == 3 and x.shape[0] != self.S)
+        ):
+            raise UserError(
+                f"SAE input must be [B, {self.d_vit}] or [{self.S}, B, {self.d_vit}]; got {list(x.shape)}."
+            )
+        x = x.to(self.W_dec.dtype)
+        if x.ndim == 2:
+            return self.scale[:, None, None].to(x.dtype) * x[None]
+        return self.scale[:, None, None].to(x.dtype) * x
+
+    def pre_acts(self, xs: Tensor) -> Tensor:
+        """pre = (xs - b_dec) W_enc + b_enc: [S, B, F]."""
+        return torch.baddbmm(self.b_enc[:, None, :], xs - self.b_dec[:, None, :], self.W_enc)
+
+    @abc.abstractmethod
+    def _encode(
+        self, xs: Tensor, train: bool, warm: Tensor
+    ) -> tuple[Codes, dict[str, Tensor], typing.Any]:
+        """Codes, family loss terms ([S] each) and a context for the aux loss."""
+
+    def decode_codes(self, codes: Codes) -> Tensor:
+        """Reconstruction in the scaled space: f W_dec + b_dec, [S, B, d]."""
+        if codes.dense is not None:
+            return torch.baddbmm(self.b_dec[:, None, :], codes.dense, self.W_dec)
+        if codes.idx is not None:
+            return sparse.decode_fixed(self.W_dec, self.b_dec, codes.idx, codes.vals)
+        return sparse.decode_flat(self.W_dec, self.b_dec, codes.pos, codes.vals, codes.B)
+
+    def _recon_loss(self, xs: Tensor, codes: Codes, recon: Tensor) -> Tensor:
+        return (xs - recon).pow(2).sum(-1).mean(-1)
+
+    def _aux_loss(self, xs: Tensor, recon: Tensor, ctx: typing.Any) -> Tensor | None:
+        return None
+
+    def forward(self, x: Tensor, warmup: float | Tensor = 1.0) -> StackOutput:
+        """Run every member on `x` (raw units). `warmup` in [0, 1] scales λ and β."""
+        xs = self.scaled(x)
+        warm = torch.as_tensor(warmup, dtype=xs.dtype, device=xs.device).expand(self.S)
+        train = self.training
+        codes, losses, ctx = self._encode(xs, train, warm)
+        recon = self.decode_codes(codes)
+        zero = xs.new_zeros(self.S)
+        out = {key: losses.get(key, zero) for key in LOSS_KEYS}
+        out["recon"] = self._recon_loss(xs, codes, recon)
+        aux = self._aux_loss(xs, recon, ctx) if train else None
+        if aux is not None:
+            out["aux"] = out["aux"] + aux
+        out["total"] = out["recon"] + out["sparsity"] + out["aux"] + out["kl"]
+        if train:
+            self._count_fired(codes)
+        x_hat = recon / self.scale[:, None, None].to(recon.dtype)
+        return StackOutput(codes=codes, x_hat=x_hat, losses=out, l0=codes.l0())
+
+    @torch.no_grad()
+    def _count_fired(self, codes: Codes) -> None:
+        fired = codes.fired()
+        self.tokens_since_fired.add_(codes.B).masked_fill_(fired, 0)
+
+    def dead_mask(self) -> Tensor:
+        """[S, F] bool: latents that have not fired for `dead_after_tokens` tokens."""
+        return self.tokens_since_fired >= self.hp("dead_after_tokens")[:, None]
+
+    # ---- inference helpers --------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw [B, d] or [S, B, d] -> dense codes [S, B, F], inference rule (no sampling)."""
+        xs = self.scaled(x)
+        warm = xs.new_ones(self.S)
+        codes, _, _ = self._encode(xs, False, warm)
+        return codes.to_dense()
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Dense codes [S, B, F] -> raw reconstruction [S, B, d]."""
+        recon = torch.baddbmm(self.b_dec[:, None, :], f.to(self.W_dec.dtype), self.W_dec)
+        return recon / self.scale[:, None, None]
+
+    # ---- decoder-norm constraint, used by the optimiser --------------------------------
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each decoder row's gradient its component along the (unit) row."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    # ---- members ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def freeze(self, mask: Tensor) -> None:
+        """Stop updating the members where `mask` ([S] bool) is true."""
+        self.frozen |= mask.to(self.frozen.device, torch.bool)
+
+    def member_stack(self, i: int) -> "Stack":
+        """A new S=1 stack holding a copy of member i's weights and buffers."""
+        if not -self.S <= i < self.S:
+            raise UserError(f"member index {i} out of range for a stack of {self.S} SAEs.")
+        i %= self.S
+        one = type(self)(self.d_vit, self.d_sae, [self.members[i]])
+        state = {k: v[i : i + 1].detach().clone() for k, v in self.state_dict().items()}
+        one.load_state_dict(state)
+        return one.to(self.W_dec.device)
+
+    def member(self, i: int):
+        """Member i as a single-SAE module (`saev.nn.SAE`, eval mode)."""
+        from saev.nn.checkpoint import SAE
+
+        return SAE(self.member_stack(i), extra={})

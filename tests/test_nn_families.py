@@ -1,0 +1,277 @@
+"""Each family's forward and losses against hand-written reference computations."""
+
+import math
+
+import pytest
+import torch
+
+import saev.nn
+from saev.errors import UserError
+
+D, F, B = 6, 10, 5
+
+
+def make(family, members, seed=0):
+    stack = saev.nn.make_stack(family, d_vit=D, d_sae=F, members=members).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        stack.scale.copy_(torch.tensor([0.5, 2.0])[: stack.S])
+        stack.b_dec.copy_(torch.randn(stack.b_dec.shape, generator=g, dtype=torch.float64))
+        stack.b_enc.copy_(torch.randn(stack.b_enc.shape, generator=g, dtype=torch.float64) * 0.3)
+        stack.W_enc.copy_(torch.randn(stack.W_enc.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    return stack, x
+
+
+def ref_pre(stack, x, s):
+    """Reference pre-activations for member s, with plain loops over tokens."""
+    rows = []
+    for b in range(x.shape[0]):
+        xt = stack.scale[s] * x[b] - stack.b_dec[s]
+        rows.append(
+            torch.stack([(xt * stack.W_enc[s, :, f]).sum() + stack.b_enc[s, f] for f in range(F)])
+        )
+    return torch.stack(rows).detach()
+
+
+def ref_recon(stack, x, f, s):
+    xs = stack.scale[s] * x
+    recon = f @ stack.W_dec[s].detach() + stack.b_dec[s].detach()
+    return ((xs - recon) ** 2).sum(-1).mean(), recon / stack.scale[s]
+
+
+def test_relu_forward_and_l1():
+    stack, x = make("relu", [{"sparsity_coeff": 0.5}, {"sparsity_coeff": 2.0}])
+    out = stack(x, warmup=0.5)
+    for s, lam in enumerate([0.5, 2.0]):
+        f = ref_pre(stack, x, s).clamp_min(0)
+        recon, x_hat = ref_recon(stack, x, f, s)
+        torch.testing.assert_close(out.f[s].detach(), f)
+        torch.testing.assert_close(out.x_hat[s].detach(), x_hat)
+        torch.testing.assert_close(out.losses["recon"][s].item(), recon.item())
+        torch.testing.assert_close(
+            out.losses["sparsity"][s].item(), 0.5 * lam * f.sum(-1).mean().item()
+        )
+    torch.testing.assert_close(out.losses["total"], out.losses["recon"] + out.losses["sparsity"])
+
+
+def test_topk_per_member_k():
+    stack, x = make("topk", [{"k": 2}, {"k": 4}])
+    out = stack(x)
+    for s, k in enumerate([2, 4]):
+        pre = ref_pre(stack, x, s)
+        f = torch.zeros_like(pre)
+        for b in range(B):
+            order = sorted(range(F), key=lambda j: -pre[b, j].item())[:k]
+            for j in order:
+                f[b, j] = max(pre[b, j].item(), 0.0)
+        torch.testing.assert_close(out.f[s].detach(), f)
+        recon, x_hat = ref_recon(stack, x, f, s)
+        torch.testing.assert_close(out.losses["recon"][s].item(), recon.item())
+        torch.testing.assert_close(out.x_hat[s].detach(), x_hat)
+        assert out.l0[s].item() == pytest.approx((f != 0).sum().item() / B)
+
+
+def test_auxk_on_dead_latents():
+    stack, x = make(
+        "topk", [{"k": 2, "k_aux": 3, "aux_coeff": 0.25, "dead_after_tokens": 10}, {"k": 2}]
+    )
+    with torch.no_grad():
+        stack.tokens_since_fired[0, :5] = 100  # member 0: latents 0..4 dead; member 1: none
+    out = stack.train()(x)
+    assert out.losses["aux"][1].item() == 0.0
+    pre = ref_pre(stack, x, 0)
+    xs = stack.scale[0] * x
+    f = torch.zeros_like(pre)
+    aux = torch.zeros_like(pre)
+    for b in range(B):
+        for j in sorted(range(F), key=lambda j: -pre[b, j].item())[:2]:
+            f[b, j] = max(pre[b, j].item(), 0.0)
+        for j in sorted(range(5), key=lambda j: -pre[b, j].item())[:3]:
+            aux[b, j] = max(pre[b, j].item(), 0.0)
+    W = stack.W_dec[0].detach()
+    e = xs - (f @ W + stack.b_dec[0].detach())
+    want = 0.25 * ((e - aux @ W) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum()
+    torch.testing.assert_close(out.losses["aux"][0].item(), want.item())
+    # Counters: fired latents reset to 0, the others advanced by B tokens.
+    fired = (out.f[0] != 0).any(0)
+    assert (stack.tokens_since_fired[0][fired] == 0).all()
+    assert (stack.tokens_since_fired[0][~fired][:1] >= B).all()
+
+
+def test_batchtopk_train_and_threshold_inference():
+    stack, x = make(
+        "batchtopk", [{"k": 2, "threshold_decay": 0.5}, {"k": 3, "threshold_decay": 0.5}]
+    )
+    stack.train()
+    out = stack(x)
+    for s, k in enumerate([2, 3]):
+        pre = ref_pre(stack, x, s).clamp_min(0)
+        flat = sorted(pre.flatten().tolist(), reverse=True)[: k * B]
+        cut = flat[-1]
+        want = pre * (pre >= cut)
+        torch.testing.assert_close(out.f[s].detach(), want)
+        # First update sets θ to the smallest kept positive activation.
+        assert stack.threshold[s].item() == pytest.approx(min(v for v in flat if v > 0))
+    theta0 = stack.threshold.clone()
+    out2 = stack(x)  # same batch: same smallest value, EMA stays put
+    torch.testing.assert_close(stack.threshold, theta0)
+    stack.eval()
+    f = stack.encode(x)
+    for s in range(2):
+        pre = ref_pre(stack, x, s)
+        torch.testing.assert_close(f[s].detach(), pre.clamp_min(0) * (pre > theta0[s]))
+    assert out2.losses["total"].shape == (2,)
+
+
+def test_matryoshka_sums_prefix_losses():
+    members = [{"k": 3, "base": "topk", "prefix_fracs": [0.3, 0.6, 1.0]}] * 2
+    stack, x = make("matryoshka", members)
+    out = stack(x)
+    for s in range(2):
+        f = out.f[s].detach()
+        total = 0.0
+        for n in (3, 6, 10):
+            fm = f.clone()
+            fm[:, n:] = 0
+            total += ref_recon(stack, x, fm, s)[0].item()
+        torch.testing.assert_close(out.losses["recon"][s].item(), total)
+
+
+def test_matryoshka_members_must_share_prefixes():
+    with pytest.raises(UserError, match="prefix_fracs"):
+        saev.nn.make_stack(
+            "matryoshka",
+            d_vit=4,
+            d_sae=8,
+            members=[{"prefix_fracs": [0.5, 1.0]}, {"prefix_fracs": [0.25, 1.0]}],
+        )
+
+
+@pytest.mark.parametrize("target", [0.0, 3.0])
+def test_jumprelu_forward_l0_and_threshold_gradient(target):
+    eps = 0.5
+    m = {"sparsity_coeff": 0.7, "bandwidth": eps, "threshold_init": 0.2, "target_l0": target}
+    stack, x = make("jumprelu", [m, m])
+    out = stack(x)
+    theta = 0.2
+    for s in range(2):
+        pre = ref_pre(stack, x, s)
+        f = pre * (pre > theta)
+        torch.testing.assert_close(out.f[s].detach(), f)
+        l0 = (pre > theta).double().sum(-1).mean().item()
+        want = 0.7 * ((l0 / target - 1) ** 2 if target else l0)
+        torch.testing.assert_close(out.losses["sparsity"][s].item(), want)
+    # ∂(Σ f)/∂θ = -(θ/ε) Σ rect((pre-θ)/ε); ∂L0/∂θ = -(1/ε) Σ rect(...)/B; chain through θ = exp(log θ).
+    stack.log_threshold.grad = None
+    out.f[0].sum().backward(retain_graph=True)
+    pre = ref_pre(stack, x, 0)
+    rect = ((pre - theta).abs() < eps / 2).double()
+    torch.testing.assert_close(stack.log_threshold.grad[0], (-(theta / eps) * rect).sum(0) * theta)
+    if not target:
+        stack.log_threshold.grad = None
+        out.losses["sparsity"][0].backward()
+        torch.testing.assert_close(
+            stack.log_threshold.grad[0], 0.7 * (-(1 / eps) * rect).sum(0) / B * theta
+        )
+
+
+def test_gated_forward_and_losses():
+    stack, x = make("gated", [{"sparsity_coeff": 0.3}, {"sparsity_coeff": 1.5}])
+    with torch.no_grad():
+        stack.r_mag.copy_(torch.linspace(-0.5, 0.5, F).expand(2, F))
+        stack.b_mag.fill_(0.1)
+    out = stack(x)
+    for s, lam in enumerate([0.3, 1.5]):
+        gate = ref_pre(stack, x, s)  # π_gate = pre
+        mag = (gate - stack.b_enc[s].detach()) * stack.r_mag[s].detach().exp() + 0.1
+        f = (gate > 0) * mag.clamp_min(0)
+        torch.testing.assert_close(out.f[s].detach(), f)
+        recon, _ = ref_recon(stack, x, f, s)
+        aux, _ = ref_recon(stack, x, gate.clamp_min(0), s)
+        torch.testing.assert_close(out.losses["recon"][s].item(), recon.item())
+        torch.testing.assert_close(out.losses["aux"][s].item(), aux.item())
+        torch.testing.assert_close(
+            out.losses["sparsity"][s].item(), lam * gate.clamp_min(0).sum(-1).mean().item()
+        )
+    # The aux loss trains the gate path, never the decoder.
+    stack.zero_grad()
+    out.losses["aux"].sum().backward()
+    assert stack.W_dec.grad is None or stack.W_dec.grad.abs().max() == 0
+    assert stack.W_enc.grad.abs().max() > 0
+
+
+def test_vsae_samples_only_in_training_and_kl():
+    stack, x = make("vsae-iso", [{"kl_coeff": 2.0}, {"kl_coeff": 0.0}])
+    with torch.no_grad():
+        stack.W_logvar.normal_(0, 0.1)
+        stack.b_logvar.fill_(-1.0)
+    stack.eval()
+    a, b = stack(x), stack(x)
+    torch.testing.assert_close(a.f, b.f)
+    for s in range(2):
+        torch.testing.assert_close(a.f[s].detach(), ref_pre(stack, x, s).clamp_min(0))
+    stack.train()
+    c = stack(x, warmup=0.5)
+    assert not torch.allclose(c.f, a.f)
+    for s, beta in enumerate([2.0, 0.0]):
+        mu = ref_pre(stack, x, s)
+        xt = stack.scale[s] * x - stack.b_dec[s]
+        lv = (xt @ stack.W_logvar[s] + stack.b_logvar[s]).detach().clamp(-8, 4)
+        kl = (0.5 * (lv.exp() + mu**2 - 1 - lv)).mean(-1).mean()  # per latent: mean over F
+        torch.testing.assert_close(c.losses["kl"][s].item(), 0.5 * beta * kl.item())
+    assert c.losses["kl"][1].item() == 0.0
+
+
+def test_vsae_logvar_clamped():
+    stack, x = make("vsae-topk", [{"logvar_min": -2.0, "logvar_max": 1.0}] * 2)
+    with torch.no_grad():
+        stack.b_logvar.fill_(50.0)
+    lv = stack._logvar(stack.scaled(x))
+    assert lv.max().item() == 1.0
+
+
+def test_vsae_mixture_kl_matches_torch_distributions():
+    stack, x = make("vsae-mixture", [{"prior_corr": 0.6}, {"prior_corr": -0.3}])
+    with torch.no_grad():
+        stack.W_logvar.normal_(0, 0.2)
+    xs = stack.scaled(x)
+    mu = stack.pre_acts(xs).detach()
+    lv = stack._logvar(xs).detach()
+    got = stack._kl(mu, lv)
+    for s, rho in enumerate([0.6, -0.3]):
+        block = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+        cov = torch.block_diag(*[block] * (F // 2))
+        prior = torch.distributions.MultivariateNormal(torch.zeros(F, dtype=torch.float64), cov)
+        kls = [
+            torch.distributions.kl_divergence(
+                torch.distributions.MultivariateNormal(mu[s, b], torch.diag(lv[s, b].exp())), prior
+            )
+            for b in range(B)
+        ]
+        torch.testing.assert_close(got[s].item(), torch.stack(kls).mean().item() / F)
+
+
+@pytest.mark.parametrize("family", ["vsae-topk", "vsae-gated", "vsae-jumprelu"])
+def test_vsae_rules_use_mu_at_inference(family):
+    stack, x = make(family, [{"seed": 0}, {"seed": 1}])
+    stack.eval()
+    f = stack.encode(x)
+    assert f.shape == (2, B, F)
+    torch.testing.assert_close(f, stack.encode(x))
+    if family == "vsae-topk":
+        assert ((f != 0).sum(-1) <= 32).all()
+
+
+def test_hparam_validation_messages():
+    with pytest.raises(
+        UserError, match="has no hyperparameter 'kk'; allowed: aux_coeff, dead_after_tokens, k,"
+    ):
+        saev.nn.check_hparams("topk", {"kk": 3})
+    with pytest.raises(UserError, match="unknown SAE family 'topkk'"):
+        saev.nn.make_stack("topkk", d_vit=4, d_sae=8, members=[{}])
+    with pytest.raises(UserError, match="k=0"):
+        saev.nn.check_hparams("topk", {"k": 0})
+    assert saev.nn.check_hparams("relu", {})["sparsity_coeff"] == 5.0
+    assert set(saev.nn.HPARAMS) == set(saev.nn.FAMILIES)
+    assert math.isclose(saev.nn.HPARAMS["topk"]["aux_coeff"], 1 / 32)
