@@ -1,0 +1,372 @@
+"""`python -m saev probe`: linear probes, latent alignment, ablations and an intersectional
+report for the labels of a shard directory's image index.
+
+Reads the shards (and optionally one SAE checkpoint), builds pooled per-image representations
+once (cached in OUT/reps), fits a probe per representation x attribute on the train split,
+scores it on the held-out split, and for SAE representations ranks latents by alignment with
+each attribute and ablates the top ones. Writes OUT/report.json, OUT/report.html and its
+PNGs. See docs/probe.md.
+"""
+
+import dataclasses
+import logging
+import os
+import pathlib
+import re
+import typing
+
+import numpy as np
+import torch
+
+from saev.errors import UserError
+from saev.helpers import resolve_device
+from saev.probe import ablate, align, intersect, report, reps, split
+from saev.probe import fit as fitting
+from saev.shards import Shards
+
+logger = logging.getLogger("saev.probe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Where the activations are."""
+
+    shard_root: pathlib.Path
+    """Shard directory written by `saev activations` (metadata.json, images.csv, acts*.bin)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Probe image attributes in a ViT's activations and in an SAE's latents."""
+
+    data: Data
+    out: pathlib.Path
+    """Output directory: report.json, report.html, PNGs, and the representation cache."""
+    ckpt: pathlib.Path | None = None
+    """SAE checkpoint directory (or sae.safetensors / saev-0.1 sae.pt); omit for raw ViT only."""
+    attributes: tuple[str, ...] = ("age", "gender", "race")
+    """Label columns of the image index to probe (FairFace: age gender race)."""
+    pool: tuple[typing.Literal["mean", "max"], ...] = ("mean", "max")
+    """How SAE codes are pooled over an image's tokens."""
+    raw_token: tuple[typing.Literal["cls", "mean"], ...] = ("cls", "mean")
+    """Raw ViT representations: the CLS token and/or the mean of the patch tokens."""
+    layer: int | None = None
+    """Recorded layer to probe; default: the checkpoint's layer, else the last recorded layer."""
+    split_by: split.SplitBy = "auto"
+    """Held-out split: official (the dataset's own val split), random (seeded, stratified), or auto (official when the index has one)."""
+    test_frac: float = 0.2
+    """Held-out fraction of each stratum for the random split."""
+    val_frac: float = 0.2
+    """Fraction of the train split used as the validation fold that picks the L2 strength."""
+    lams: tuple[float, ...] = fitting.LAMS
+    """L2 strengths tried (mean cross-entropy + lam/2 * ||W||^2 on standardised features)."""
+    max_iter: int = 200
+    """L-BFGS iterations per fit."""
+    top_k: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+    """Numbers of top aligned latents to ablate (clipped to the SAE's width)."""
+    top_latents: int = 10
+    """Latents listed per class and per intersectional cell."""
+    crosses: tuple[str, ...] = ()
+    """Intersections to report, each as comma-joined attributes (e.g. gender,race); default: the last two attributes, and all of them when there are three or more."""
+    min_cell_images: int = intersect.MIN_CELL
+    """Cells with fewer held-out images are listed but left out of worst-group accuracy and gaps (and of firing departures)."""
+    visuals: pathlib.Path | None = None
+    """Output folder of `saev visuals` for the same SAE; latent ids then link to its latents/<id>.html."""
+    batch_size: int = 64
+    """Images per batch when building representations."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    seed: int = 0
+    """Seed of the random split and of the validation fold."""
+
+
+def natural_key(s: str):
+    """Sort '3-9' before '10-19': digits compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    name: str
+    classes: list[str]
+    y: np.ndarray
+    """Class index of every image, -1 where the label is missing."""
+    n_missing: int
+
+
+def read_attributes(shards: Shards, names: tuple[str, ...]) -> dict[str, Attribute]:
+    index = shards.images
+    missing = [a for a in names if a not in index.label_names]
+    if missing:
+        raise UserError(
+            f"{index.file}: no label column {', '.join(map(repr, missing))}; "
+            f"available: {', '.join(index.label_names) or '(none)'}."
+        )
+    if len(index) != shards.n_imgs:
+        raise UserError(
+            f"{index.file}: {len(index)} rows but the shards hold {shards.n_imgs} images."
+        )
+    out = {}
+    for a in names:
+        vals = [v.strip() for v in index.labels(a)]
+        classes = sorted({v for v in vals if v}, key=natural_key)
+        pos = {c: i for i, c in enumerate(classes)}
+        y = np.array([pos.get(v, -1) for v in vals], dtype=np.int64)
+        out[a] = Attribute(a, classes, y, int((y < 0).sum()))
+    return out
+
+
+def check_counts(attr: Attribute, test: np.ndarray) -> None:
+    for side, mask in (("train", ~test), ("held-out", test)):
+        counts = np.bincount(attr.y[mask & (attr.y >= 0)], minlength=len(attr.classes))
+        for c, k in zip(attr.classes, counts, strict=True):
+            if k < 2:
+                raise UserError(
+                    f"attribute {attr.name!r}: class {c!r} has {k} image(s) in the {side} split; "
+                    "every class needs at least 2 on each side (merge or drop it in images.csv, "
+                    "or change --split-by/--test-frac)."
+                )
+    if len(attr.classes) < 2:
+        raise UserError(
+            f"attribute {attr.name!r} has {len(attr.classes)} class(es) {attr.classes}; "
+            "a probe needs at least 2."
+        )
+
+
+def load_sae(cfg: Config, shards: Shards):
+    """The checkpoint's SAE, checked against the shards; returns (sae, layer)."""
+    import saev.nn
+
+    sae = saev.nn.load(cfg.ckpt)
+    md = shards.md
+    if sae.d_vit != md.d_vit:
+        raise UserError(
+            f"{cfg.ckpt}: SAE d_vit={sae.d_vit} but the shards in {shards.root} have "
+            f"d_vit={md.d_vit}; use the shards the SAE was trained on."
+        )
+    trained_on = (sae.cfg.get("shards") or {}).get("vit_ckpt")
+    if trained_on is not None and trained_on != md.vit_ckpt:
+        raise UserError(
+            f"{cfg.ckpt}: SAE was trained on activations of {trained_on!r} but the shards in "
+            f"{shards.root} are from {md.vit_ckpt!r}."
+        )
+    layer = sae.layer
+    if layer is None:
+        layer = cfg.layer if cfg.layer is not None else md.layers[-1]
+    elif md.resolve_layer(layer) not in md.layers:
+        raise UserError(
+            f"{cfg.ckpt}: SAE was trained on layer {layer} but {shards.root} recorded layers "
+            f"{md.layers}."
+        )
+    if cfg.layer is not None and md.resolve_layer(cfg.layer) != md.resolve_layer(layer):
+        raise UserError(
+            f"--layer {cfg.layer} does not match the checkpoint's layer {layer} ({cfg.ckpt})."
+        )
+    return sae, md.resolve_layer(layer)
+
+
+def parse_crosses(cfg: Config) -> list[tuple[str, ...]]:
+    if not cfg.crosses:
+        return intersect.default_crosses(list(cfg.attributes))
+    out = []
+    for spec in cfg.crosses:
+        cross = tuple(a.strip() for a in spec.split(",") if a.strip())
+        unknown = [a for a in cross if a not in cfg.attributes]
+        if len(cross) < 2 or unknown:
+            raise UserError(
+                f"--crosses {spec!r}: expected two or more of --attributes "
+                f"({', '.join(cfg.attributes)}) joined by commas."
+            )
+        out.append(cross)
+    return out
+
+
+def main(cfg: Config) -> None:
+    if not cfg.attributes:
+        raise UserError("--attributes is empty; name at least one label column.")
+    device = resolve_device(cfg.device)
+    shards = Shards(cfg.data.shard_root)
+    md = shards.md
+    attrs = read_attributes(shards, cfg.attributes)
+    crosses = parse_crosses(cfg)
+    if cfg.ckpt is not None:
+        sae, layer = load_sae(cfg, shards)
+    else:
+        sae = None
+        layer = md.layers[-1] if cfg.layer is None else md.resolve_layer(cfg.layer)
+        shards.layer_pos(layer)  # UserError listing the recorded layers
+    if cfg.visuals is not None and not (cfg.visuals / "latents").is_dir():
+        logger.warning("%s has no latents/ folder; latent links will be dead.", cfg.visuals)
+
+    index = shards.images
+    split_col = index.labels("split") if "split" in index.label_names else None
+    strata = list(zip(*(index.labels(a) for a in cfg.attributes), strict=True))
+    test, split_desc = split.make_split(
+        cfg.split_by,
+        paths=index.paths(),
+        split_col=split_col,
+        strata=strata,
+        test_frac=cfg.test_frac,
+        seed=cfg.seed,
+        source=str(index.file),
+    )
+    for a in attrs.values():
+        check_counts(a, test)
+
+    names = [reps.RAW[t] for t in dict.fromkeys(cfg.raw_token)]
+    if sae is not None:
+        names += [reps.SAE[p] for p in dict.fromkeys(cfg.pool)]
+    if not names:
+        raise UserError("nothing to probe: --raw-token is empty and no --ckpt was given.")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    status = reps.build(
+        cfg.out,
+        shards,
+        layer,
+        names,
+        sae=sae,
+        ckpt_print=reps.ckpt_fingerprint(cfg.ckpt) if cfg.ckpt is not None else None,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
+
+    doc: dict[str, typing.Any] = {
+        "shard_root": str(shards.root),
+        "ckpt": None if cfg.ckpt is None else str(cfg.ckpt),
+        "layer": layer,
+        "vit": {"family": md.vit_family, "ckpt": md.vit_ckpt, "pretrained": md.pretrained},
+        "sae": None
+        if sae is None
+        else {"d_sae": sae.d_sae, "tokens": getattr(sae, "tokens", None)},
+        "split": {"how": split_desc, "n_train": int((~test).sum()), "n_test": int(test.sum())},
+        "attributes": {},
+        "representations": {},
+        "probes": {},
+        "alignment": {},
+        "ablations": {},
+        "intersections": [],
+        "visuals": None if cfg.visuals is None else os.path.relpath(cfg.visuals, cfg.out),
+        "config": dataclasses.asdict(cfg),
+    }
+    for a in attrs.values():
+        train_y = a.y[~test & (a.y >= 0)]
+        test_y = a.y[test & (a.y >= 0)]
+        majority = np.bincount(train_y, minlength=len(a.classes)).argmax()
+        doc["attributes"][a.name] = {
+            "classes": a.classes,
+            "n_missing": a.n_missing,
+            "n_train": len(train_y),
+            "n_test": len(test_y),
+            "train_counts": np.bincount(train_y, minlength=len(a.classes)).tolist(),
+            "test_counts": np.bincount(test_y, minlength=len(a.classes)).tolist(),
+            "chance": float(np.mean(test_y == majority)),
+        }
+        if a.n_missing:
+            print(f"{a.name}: {a.n_missing} image(s) without a label were dropped.")
+
+    labels = {
+        a: np.array([v.strip() for v in index.labels(a)], dtype=object) for a in cfg.attributes
+    }
+    correct: dict[tuple[str, str], np.ndarray] = {}
+    fires_from = next((n for n in ("sae-max", "sae-mean") if n in names), None)
+    departures: dict[tuple[str, ...], list] = {}
+
+    for name in names:
+        x = reps.load(cfg.out, name, device)
+        doc["representations"][name] = {"dim": x.shape[1], "cache": status[name]}
+        for a in attrs.values():
+            test_rows = np.flatnonzero(test & (a.y >= 0))
+            train_rows = np.flatnonzero(~test & (a.y >= 0))
+            y_train = torch.as_tensor(np.where(~test, a.y, -1), device=device)
+            probe, sel = fitting.fit_cv(
+                x,
+                y_train,
+                len(a.classes),
+                lams=cfg.lams,
+                val_frac=cfg.val_frac,
+                seed=cfg.seed,
+                max_iter=cfg.max_iter,
+            )
+            scores = fitting.evaluate(probe, x, test_rows, a.y[test_rows])
+            pred = probe.predict(x, torch.as_tensor(test_rows, device=device)).cpu().numpy()
+            ok = np.zeros(len(a.y), dtype=bool)
+            ok[test_rows] = pred == a.y[test_rows]
+            correct[(name, a.name)] = ok
+            doc["probes"].setdefault(name, {})[a.name] = scores | {
+                "lam": sel.best,
+                "selection": dataclasses.asdict(sel),
+            }
+            print(f"{name:>9} {a.name:>12}: accuracy {scores['accuracy']:.3f} (lam={sel.best:g})")
+            if not name.startswith("sae-"):
+                continue
+            al = align.align(
+                x,
+                torch.as_tensor(a.y[train_rows], device=device),
+                len(a.classes),
+                rows=torch.as_tensor(train_rows, device=device),
+            )
+            doc["alignment"].setdefault(name, {})[a.name] = report.save_alignment(
+                cfg.out, name, a.name, a.classes, al, cfg.top_latents
+            )
+            doc["ablations"].setdefault(name, {})[a.name] = ablate.ablate(
+                x,
+                y_train,
+                test_rows,
+                a.y[test_rows],
+                probe,
+                al.ranking(),
+                cfg.top_k,
+                lams=cfg.lams,
+                val_frac=cfg.val_frac,
+                seed=cfg.seed,
+                max_iter=cfg.max_iter,
+                desc=f"ablations {name} {a.name}",
+            )
+        if name == fires_from:
+            fires = x > 0
+            for cross in crosses:
+                departures[cross] = intersect.departures(
+                    fires, labels, cross, min_n=cfg.min_cell_images, top=cfg.top_latents
+                )
+            del fires
+        del x
+
+    for cross in crosses:
+        held_out = {a: np.where(test, labels[a], "") for a in cross}
+        keys, ids = intersect.cell_ids(held_out, cross)
+        acc = {
+            a: {
+                name: intersect.cell_accuracy(
+                    keys,
+                    np.where(attrs[a].y >= 0, ids, -1),
+                    correct[(name, a)],
+                    cross,
+                    cfg.min_cell_images,
+                )
+                for name in names
+            }
+            for a in cfg.attributes
+        }
+        doc["intersections"].append(
+            {
+                "cross": list(cross),
+                "accuracy": acc,
+                "departures": departures.get(cross, []),
+            }
+        )
+
+    # What to pass to `saev visuals --include-latents` so every linked latent has a page.
+    doc["latents_of_interest"] = sorted(
+        {
+            r["latent"]
+            for by_attr in doc["alignment"].values()
+            for info in by_attr.values()
+            for rows in info["top"].values()
+            for r in rows
+        }
+    )
+    report.write(cfg.out, doc)
+    print(
+        f"split: {split_desc}; {doc['split']['n_train']} train / {doc['split']['n_test']} held out."
+    )
+    print(f"wrote {cfg.out / 'report.json'} and {cfg.out / 'report.html'}")

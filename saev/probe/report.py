@@ -1,0 +1,354 @@
+"""report.json, the PNG plots and report.html of `saev probe`.
+
+The JSON holds every number; the full latent x class alignment matrices go to
+`alignment/<rep>__<attribute>.npz` (arrays mean, mean_rest, rate, auroc, selectivity, each
+`[d_sae, n_classes]`, plus `classes`) because at 24K latents they would swamp the JSON. The
+page is static HTML (no scripts) with matplotlib PNGs next to it; latent ids link to
+`<visuals>/latents/<id>.html` when a visuals folder was given.
+"""
+
+import html
+import io
+import pathlib
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from saev.helpers import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from saev.probe.align import Alignment  # noqa: E402
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def save_alignment(
+    out: pathlib.Path, rep: str, attr: str, classes: list[str], al: Alignment, top: int
+) -> dict:
+    """Write the full matrices; return the JSON summary: the top latents per class and the
+    overall ranking used by the ablations (first 100)."""
+    rel = f"alignment/{slug(rep)}__{slug(attr)}.npz"
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        mean=al.mean,
+        mean_rest=al.mean_rest,
+        rate=al.rate,
+        auroc=al.auroc,
+        selectivity=al.selectivity,
+        classes=np.array(classes),
+    )
+    atomic_write_bytes(out / rel, buf.getvalue())
+    per_class = {}
+    for c, name in enumerate(classes):
+        per_class[name] = [
+            {
+                "latent": int(i),
+                "auroc": float(al.auroc[i, c]),
+                "selectivity": float(al.selectivity[i, c]),
+                "rate": float(al.rate[i, c]),
+                "mean": float(al.mean[i, c]),
+                "mean_rest": float(al.mean_rest[i, c]),
+            }
+            for i in al.top(c, top)
+        ]
+    ranking = al.ranking()[:100]
+    score = al.score()
+    return {
+        "file": rel,
+        "top": per_class,
+        "ranking": [{"latent": int(i), "score": float(score[i])} for i in ranking],
+    }
+
+
+def write(out: pathlib.Path, doc: dict) -> None:
+    """report.json, the PNGs and report.html."""
+    doc = dict(doc)
+    doc["plots"] = plots(out, doc)
+    atomic_write_json(out / "report.json", doc)
+    atomic_write_text(out / "report.html", page(doc))
+
+
+# Plots
+
+
+def _save(fig, out: pathlib.Path, name: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out / name, buf.getvalue())
+    return name
+
+
+def plots(out: pathlib.Path, doc: dict) -> dict:
+    made: dict = {"accuracy": None, "ablations": {}, "cells": []}
+    attrs = list(doc["attributes"])
+    reps = list(doc["probes"])
+    if reps:
+        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(attrs) * max(1, len(reps)) / 2, 3.2))
+        width = 0.8 / len(reps)
+        for j, rep in enumerate(reps):
+            accs = [doc["probes"][rep][a]["accuracy"] for a in attrs]
+            ax.bar(
+                np.arange(len(attrs)) + (j - (len(reps) - 1) / 2) * width, accs, width, label=rep
+            )
+        for i, a in enumerate(attrs):
+            chance = doc["attributes"][a]["chance"]
+            ax.hlines(chance, i - 0.45, i + 0.45, colors="k", linestyles="dashed", lw=1)
+        ax.set_xticks(np.arange(len(attrs)), attrs)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title("Probe accuracy (dashed: majority class)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        made["accuracy"] = _save(fig, out, "accuracy.png")
+    for a in attrs:
+        sae_reps = [r for r in doc["ablations"] if a in doc["ablations"][r]]
+        if not sae_reps:
+            continue
+        fig, axes = plt.subplots(
+            1, len(sae_reps), figsize=(4.2 * len(sae_reps), 3.2), squeeze=False
+        )
+        for ax, rep in zip(axes[0], sae_reps, strict=True):
+            rows = doc["ablations"][rep][a]
+            ks = [r["k"] for r in rows]
+            ax.plot(ks, [r["zeroed_accuracy"] for r in rows], "o-", label="necessity: zeroed")
+            ax.plot(ks, [r["refit_accuracy"] for r in rows], "s-", label="necessity: refit")
+            ax.plot(ks, [r["sufficiency_accuracy"] for r in rows], "^-", label="sufficiency")
+            ax.axhline(doc["probes"][rep][a]["accuracy"], color="k", lw=1, label="full probe")
+            ax.axhline(doc["attributes"][a]["chance"], color="k", ls="--", lw=1, label="majority")
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("k top aligned latents")
+            ax.set_ylabel("held-out accuracy")
+            ax.set_title(f"{a}: {rep}")
+        axes[0][0].legend(fontsize=7)
+        made["ablations"][a] = _save(fig, out, f"ablation_{slug(a)}.png")
+    for inter in doc["intersections"]:
+        cross = inter["cross"]
+        for a, by_rep in inter["accuracy"].items():
+            name = f"cells_{slug('x'.join(cross))}_{slug(a)}.png"
+            made["cells"].append({"cross": cross, "attribute": a, "file": name})
+            fig = heatmaps(cross, a, by_rep)
+            _save(fig, out, name)
+    return made
+
+
+def heatmaps(cross: list[str], attr: str, by_rep: dict):
+    """One accuracy heatmap per representation: rows = values of the cross's first attribute,
+    columns = combinations of the others; cells below the minimum count are blank."""
+    reps = list(by_rep)
+    cells = by_rep[reps[0]]["cells"]
+    rows = sorted({c["cell"][cross[0]] for c in cells}, key=_natural)
+    cols = sorted({" / ".join(c["cell"][k] for k in cross[1:]) for c in cells}, key=_natural)
+    fig, axes = plt.subplots(
+        1,
+        len(reps),
+        figsize=(max(3.0, 0.55 * len(cols) + 1.5) * len(reps), 0.45 * len(rows) + 1.8),
+        squeeze=False,
+    )
+    for ax, rep in zip(axes[0], reps, strict=True):
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for c in by_rep[rep]["cells"]:
+            if c["counted"]:
+                r = rows.index(c["cell"][cross[0]])
+                k = cols.index(" / ".join(c["cell"][x] for x in cross[1:]))
+                grid[r, k] = c["accuracy"]
+        im = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_facecolor("#dddddd")
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_title(f"{attr} probe, {rep}", fontsize=9)
+        if grid.size <= 200:
+            for (r, k), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(k, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(f"{' x '.join(cross)} (grey: fewer images than the minimum)", fontsize=9)
+    return fig
+
+
+def _natural(s: str):
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
+
+
+# HTML
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
+code { background: #f4f4f4; padding: 0 3px; } .muted { color: #777; }
+details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
+"""
+
+
+def page(doc: dict) -> str:
+    e = html.escape
+    vis = doc.get("visuals")
+
+    def latent(i: int) -> str:
+        if vis is None:
+            return f"{i}"
+        href = f"{vis.rstrip('/')}/latents/{i}.html"
+        return f'<a href="{e(href)}">{i}</a>'
+
+    def fmt(v, nd=3) -> str:
+        return "–" if v is None else f"{v:.{nd}f}"
+
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>saev probe report</title>",
+        "<link rel='icon' href='data:,'>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>Probe report</h1>",
+        "<p>",
+        f"Shards <code>{e(doc['shard_root'])}</code>, layer {doc['layer']}, ViT "
+        f"<code>{e(str(doc['vit']['ckpt']))}</code>"
+        + ("" if doc["vit"]["pretrained"] else " <b>(random weights)</b>")
+        + (
+            f"; SAE <code>{e(doc['ckpt'])}</code> ({doc['sae']['d_sae']} latents)"
+            if doc["ckpt"]
+            else ""
+        )
+        + ".<br>",
+        f"Split: {e(doc['split']['how'])}; {doc['split']['n_train']} train, "
+        f"{doc['split']['n_test']} held-out images.</p>",
+    ]
+    # Attributes.
+    parts.append(
+        "<h2>Attributes</h2><table><tr><th class='l'>attribute</th><th class='l'>classes</th>"
+    )
+    parts.append("<th>train</th><th>held out</th><th>missing</th><th>majority acc.</th></tr>")
+    for a, info in doc["attributes"].items():
+        parts.append(
+            f"<tr><td class='l'>{e(a)}</td><td class='l'>{e(', '.join(info['classes']))}</td>"
+            f"<td>{info['n_train']}</td><td>{info['n_test']}</td><td>{info['n_missing']}</td>"
+            f"<td>{fmt(info['chance'])}</td></tr>"
+        )
+    parts.append("</table>")
+    # Probes.
+    parts.append("<h2>Probes</h2><p class='muted'>Standardised multinomial logistic regression; ")
+    parts.append("L2 strength chosen on a validation fold of the train split; held-out scores.</p>")
+    parts.append("<table><tr><th class='l'>representation</th><th class='l'>attribute</th>")
+    parts.append("<th>accuracy</th><th>balanced acc.</th><th>macro-F1</th><th>lam</th></tr>")
+    for rep, by_attr in doc["probes"].items():
+        for a, s in by_attr.items():
+            parts.append(
+                f"<tr><td class='l'>{e(rep)}</td><td class='l'>{e(a)}</td><td>{fmt(s['accuracy'])}</td>"
+                f"<td>{fmt(s['balanced_accuracy'])}</td><td>{fmt(s['macro_f1'])}</td>"
+                f"<td>{s['lam']:g}</td></tr>"
+            )
+    parts.append("</table>")
+    if doc["plots"]["accuracy"]:
+        parts.append(f"<img src='{e(doc['plots']['accuracy'])}' alt='probe accuracy'>")
+    # Confusion matrices.
+    for rep, by_attr in doc["probes"].items():
+        for a, s in by_attr.items():
+            classes = doc["attributes"][a]["classes"]
+            parts.append(f"<details><summary>Confusion matrix: {e(a)}, {e(rep)}</summary><table>")
+            parts.append("<tr><th class='l'>true \\ predicted</th>")
+            parts += [f"<th>{e(c)}</th>" for c in classes]
+            parts.append("</tr>")
+            for c, row in zip(classes, s["confusion"], strict=True):
+                parts.append(
+                    f"<tr><th class='l'>{e(c)}</th>" + "".join(f"<td>{v}</td>" for v in row)
+                )
+                parts.append("</tr>")
+            parts.append("</table></details>")
+    # Alignment and ablations.
+    if doc["alignment"]:
+        parts.append("<h2>Latent alignment</h2><p class='muted'>Computed on the train split. ")
+        parts.append("AUROC: one-vs-rest; selectivity (μ<sub>c</sub>−μ<sub>rest</sub>)/")
+        parts.append("(|μ<sub>c</sub>|+|μ<sub>rest</sub>|+ε); rate: firing rate in the class.</p>")
+        for rep, by_attr in doc["alignment"].items():
+            for a, info in by_attr.items():
+                parts.append(f"<details><summary>{e(a)}, {e(rep)}: top latents per class</summary>")
+                parts.append(f"<p class='muted'>Full matrices: <code>{e(info['file'])}</code></p>")
+                for c, rows in info["top"].items():
+                    parts.append(
+                        f"<h4>{e(a)} = {e(c)}</h4><table><tr><th>latent</th><th>AUROC</th>"
+                    )
+                    parts.append(
+                        "<th>selectivity</th><th>rate</th><th>mean</th><th>mean rest</th></tr>"
+                    )
+                    for r in rows:
+                        parts.append(
+                            f"<tr><td>{latent(r['latent'])}</td><td>{fmt(r['auroc'])}</td>"
+                            f"<td>{fmt(r['selectivity'])}</td><td>{fmt(r['rate'])}</td>"
+                            f"<td>{fmt(r['mean'], 4)}</td><td>{fmt(r['mean_rest'], 4)}</td></tr>"
+                        )
+                    parts.append("</table>")
+                parts.append("</details>")
+    if doc["ablations"]:
+        parts.append(
+            "<h2>Ablations of the top aligned latents</h2><p class='muted'>Latents ranked "
+        )
+        parts.append(
+            "by their best one-vs-rest AUROC over classes. Necessity: accuracy with their "
+        )
+        parts.append("probe weights zeroed, and with a probe refit without them. Sufficiency: a ")
+        parts.append("probe on those k latents alone.</p>")
+        for a, img in doc["plots"]["ablations"].items():
+            parts.append(f"<img src='{e(img)}' alt='ablations for {e(a)}'>")
+        for rep, by_attr in doc["ablations"].items():
+            for a, rows in by_attr.items():
+                full = doc["probes"][rep][a]["accuracy"]
+                parts.append(
+                    f"<h4>{e(a)}, {e(rep)} (full probe {fmt(full)})</h4><table><tr><th>k</th>"
+                )
+                parts.append("<th>zeroed</th><th>drop</th><th>refit</th><th>drop</th>")
+                parts.append("<th>sufficiency</th><th class='l'>latents</th></tr>")
+                for r in rows:
+                    shown = ", ".join(latent(i) for i in r["latents"][:10])
+                    more = f" … (+{len(r['latents']) - 10})" if len(r["latents"]) > 10 else ""
+                    parts.append(
+                        f"<tr><td>{r['k']}</td><td>{fmt(r['zeroed_accuracy'])}</td>"
+                        f"<td>{fmt(r['zeroed_drop'])}</td><td>{fmt(r['refit_accuracy'])}</td>"
+                        f"<td>{fmt(r['refit_drop'])}</td><td>{fmt(r['sufficiency_accuracy'])}</td>"
+                        f"<td class='l'>{shown}{more}</td></tr>"
+                    )
+                parts.append("</table>")
+    # Intersections.
+    if doc["intersections"]:
+        parts.append("<h2>Intersectional cells</h2>")
+    for inter in doc["intersections"]:
+        cross = inter["cross"]
+        parts.append(f"<h3>{e(' × '.join(cross))}</h3><table><tr><th class='l'>probe</th>")
+        parts.append("<th class='l'>representation</th><th>cells counted</th><th>worst</th>")
+        parts.append("<th class='l'>worst cell</th><th>best</th><th>gap</th></tr>")
+        for a, by_rep in inter["accuracy"].items():
+            for rep, s in by_rep.items():
+                wc = "–" if s["worst_cell"] is None else " / ".join(s["worst_cell"].values())
+                parts.append(
+                    f"<tr><td class='l'>{e(a)}</td><td class='l'>{e(rep)}</td>"
+                    f"<td>{s['n_counted']} of {len(s['cells'])} (n ≥ {s['min_n']})</td>"
+                    f"<td>{fmt(s['worst_accuracy'])}</td><td class='l'>{e(wc)}</td>"
+                    f"<td>{fmt(s['best_accuracy'])}</td><td>{fmt(s['gap'])}</td></tr>"
+                )
+        parts.append("</table>")
+        for p in doc["plots"]["cells"]:
+            if p["cross"] == cross:
+                parts.append(f"<img src='{e(p['file'])}' alt='cell accuracy, {e(p['attribute'])}'>")
+        if inter["departures"]:
+            parts.append("<details><summary>Latents whose firing rate departs most from the ")
+            parts.append("marginals</summary><table><tr><th class='l'>cell</th><th>n</th>")
+            parts.append("<th class='l'>latent (rate vs expected, z)</th></tr>")
+            for d in inter["departures"]:
+                items = ", ".join(
+                    f"{latent(r['latent'])} ({r['rate']:.2f} vs {r['expected']:.2f}, "
+                    f"z={r['z']:+.1f})"
+                    for r in d["latents"][:5]
+                )
+                parts.append(
+                    f"<tr><td class='l'>{e(' / '.join(d['cell'].values()))}</td><td>{d['n']}</td>"
+                    f"<td class='l'>{items}</td></tr>"
+                )
+            parts.append("</table></details>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
