@@ -1,0 +1,197 @@
+"""The `saev train` configuration: the same keys as flags (`--sae.k`) and as sweep TOML (`[sae] k`).
+
+Fields are grouped by what they share in a sweep (docs/sweep.md):
+- `DataConfig` and the pass-level fields (`n_train`) decide which batches are read; members
+  that agree on them train in the same pass over the shards.
+- `SaeConfig.family` and the width (`exp_factor`) decide the stack a member joins.
+- Everything else is a per-member hyperparameter.
+"""
+
+import dataclasses
+import pathlib
+import typing
+
+from saev.train.schedules import Decay
+
+Tokens = typing.Literal["patches", "cls", "all"]
+Family = typing.Literal[
+    "relu",
+    "topk",
+    "batchtopk",
+    "jumprelu",
+    "gated",
+    "matryoshka",
+    "vsae-topk",
+    "vsae-gated",
+    "vsae-jumprelu",
+    "vsae-iso",
+    "vsae-mixture",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which activations to train on and how they are read."""
+
+    shard_root: pathlib.Path | None = None
+    """Shard directory written by `saev activations` (holds metadata.json)."""
+    layer: int = -2
+    """ViT block whose residual stream to train on; negative counts from the last block."""
+    tokens: Tokens = "patches"
+    """Token selection: patch tokens, the CLS token, or all of them."""
+    batch_size: int = 4096
+    """Tokens per training batch (shared by every member of a pass)."""
+    eval_frac: float = 0.1
+    """Fraction of images held out for evaluation; training never sees their tokens."""
+    split_seed: int = 0
+    """Seed of the train/eval split of images."""
+    seed: int = 0
+    """Seed of the shuffle order."""
+    n_threads: int = 4
+    """Reader threads of the shuffled loader."""
+    chunk_mb: float = 32.0
+    """Size of one sequential read of the shuffled loader, in MiB."""
+    buffer_mb: float = 512.0
+    """Shuffle-buffer size in MiB; a batch mixes tokens from buffer_mb/chunk_mb random chunks."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeConfig:
+    """The SAE family, its width and its hyperparameters (docs/families.md).
+
+    A hyperparameter left unset (None) takes the family's default from `saev.nn.HPARAMS`.
+    """
+
+    family: Family = "topk"
+    """SAE family; members with the same family and width train as one stacked group."""
+    exp_factor: int = 16
+    """Width of the SAE as a multiple of d_vit (d_sae = exp_factor * d_vit)."""
+    sparsity_warmup: int = 0
+    """Tokens over which every sparsity coefficient and KL coefficient rises linearly from 0."""
+    k: int | None = None
+    """Active latents per token (topk, batchtopk, matryoshka, vsae-topk)."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss (topk, batchtopk, matryoshka)."""
+    aux_coeff: float | None = None
+    """AuxK coefficient alpha (topk, batchtopk, matryoshka)."""
+    threshold_decay: float | None = None
+    """EMA decay of the BatchTopK inference threshold (batchtopk, matryoshka)."""
+    sparsity_coeff: float | None = None
+    """Sparsity coefficient lambda (relu L1, jumprelu L0, gated L1)."""
+    target_l0: float | None = None
+    """JumpReLU target L0: lambda*(L0/L0*-1)^2 instead of the plain L0 penalty when > 0."""
+    bandwidth: float | None = None
+    """JumpReLU straight-through bandwidth epsilon."""
+    threshold_init: float | None = None
+    """JumpReLU initial threshold theta."""
+    base: str | None = None
+    """Matryoshka base family (topk or batchtopk)."""
+    prefix_fracs: tuple[float, ...] | None = None
+    """Matryoshka nested prefixes as fractions of d_sae (the last one is 1.0)."""
+    kl_coeff: float | None = None
+    """Variational (vsae-*) KL coefficient beta."""
+    logvar_min: float | None = None
+    """Variational lower clamp of log sigma^2."""
+    logvar_max: float | None = None
+    """Variational upper clamp of log sigma^2."""
+    prior_corr: float | None = None
+    """vsae-mixture prior correlation."""
+    dead_after_tokens: int | None = None
+    """A latent that has not fired for this many tokens counts as dead (AuxK, dead fraction)."""
+
+
+HPARAM_FIELDS = (
+    "k",
+    "k_aux",
+    "aux_coeff",
+    "threshold_decay",
+    "sparsity_coeff",
+    "target_l0",
+    "bandwidth",
+    "threshold_init",
+    "base",
+    "prefix_fracs",
+    "kl_coeff",
+    "logvar_min",
+    "logvar_max",
+    "prior_corr",
+    "dead_after_tokens",
+)
+"""SaeConfig fields passed to saev.nn as member hyperparameters (when set and used by the family)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Optional Weights & Biases logging: one wandb run per member."""
+
+    mode: typing.Literal["online", "offline", "disabled"] = "disabled"
+    """online, offline (no network needed; sync later) or disabled."""
+    project: str = "saev"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user); None uses your default."""
+    tags: tuple[str, ...] = ()
+    """Tags added to every member's wandb run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Train one SAE, or a sweep grid of SAEs in one pass over activation shards."""
+
+    sweep: pathlib.Path | None = None
+    """Sweep TOML (docs/sweep.md); any list value is a grid axis. Flags you give explicitly override it."""
+    data: DataConfig = DataConfig()
+    sae: SaeConfig = SaeConfig()
+    lr: float = 4e-4
+    """Peak learning rate (Adam)."""
+    lr_warmup: int = 1_000_000
+    """Tokens of linear learning-rate warmup."""
+    lr_decay: Decay = "cosine"
+    """Learning-rate decay after warmup, down to lr * min_lr_frac at n_train."""
+    min_lr_frac: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Clip each member's gradient to this global L2 norm (0 disables)."""
+    n_train: int = 100_000_000
+    """Training tokens (batches are drawn from the shuffled train split, epochs repeat)."""
+    seed: int = 0
+    """Seed of the SAE's initialisation (per member)."""
+    n_init_sample: int = 100_000
+    """Tokens sampled once to estimate the input scale and to initialise b_dec."""
+    n_eval: int = 1_000_000
+    """At most this many eval-split tokens are scored at the end (0 skips the final evaluation)."""
+    ckpt_every: int = 50_000_000
+    """Tokens between checkpoints of every member and of the resume state (0: only at the end)."""
+    log_every: int = 50
+    """Steps between metrics.jsonl lines (and wandb logs)."""
+    run_root: pathlib.Path = pathlib.Path("runs")
+    """Where run directories are created (one per `saev train`, named by the config hash)."""
+    resume: pathlib.Path | None = None
+    """A run directory to continue after an interruption; its saved config is used."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+    wandb: WandbConfig = WandbConfig()
+
+
+PASS_KEYS = (
+    "data.shard_root",
+    "data.layer",
+    "data.tokens",
+    "data.batch_size",
+    "data.eval_frac",
+    "data.split_seed",
+    "data.seed",
+    "data.n_threads",
+    "data.chunk_mb",
+    "data.buffer_mb",
+    "n_train",
+    "n_init_sample",
+    "n_eval",
+)
+"""Keys that decide which batches are read: members agreeing on them share one pass."""
+
+STACK_KEYS = ("sae.family", "sae.exp_factor", "sae.base", "sae.prefix_fracs")
+"""Keys that decide the parameter shapes: members agreeing on them (within a pass) form one stack."""
+
+RUN_KEYS = ("sweep", "run_root", "resume", "device", "ckpt_every", "log_every")
+"""Keys that belong to the whole run and cannot be grid axes."""

@@ -1,0 +1,111 @@
+"""The shuffled loader: every train token exactly once per epoch, determinism, resume, split."""
+
+import numpy as np
+import pytest
+import torch
+
+from saev.errors import UserError
+from saev.shards import Metadata, Shards, ShardWriter
+from saev.shards.shuffled import ShuffledLoader, split_images
+
+
+def make_shards(root, *, n_imgs=23, per_shard=5, layers=(1, 3), n_patches=4, d=6, dtype="float32"):
+    """Tiny shards whose values encode (image, layer, token, dim), so every token is traceable."""
+    md = Metadata(
+        vit_family="timm",
+        vit_ckpt="tiny",
+        layers=list(layers),
+        n_blocks=4,
+        n_patches_per_img=n_patches,
+        cls_token=True,
+        d_vit=d,
+        n_imgs=n_imgs,
+        n_imgs_per_shard=per_shard,
+        dtype=dtype,
+        data={"kind": "test"},
+    )
+    img = np.arange(n_imgs)[:, None, None, None]
+    lay = np.arange(len(layers))[None, :, None, None]
+    tok = np.arange(n_patches + 1)[None, None, :, None]
+    dim = np.arange(d)[None, None, None, :]
+    acts = (img * 1000 + lay * 100 + tok * 10 + dim / 10).astype(np.float32)
+    with ShardWriter(root, md) as w:
+        w.write(acts)
+    return Shards(root)
+
+
+def ids(batch: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(image, layer position, token) of each row, decoded from make_shards' values."""
+    v = batch[:, 0].round().long().tolist()
+    return [(x // 1000, (x % 1000) // 100, (x % 100) // 10) for x in v]
+
+
+@pytest.mark.parametrize("layers", [(1, 3), (3,)])
+@pytest.mark.parametrize("tokens", ["patches", "cls", "all"])
+def test_one_epoch_is_every_train_token_once(tmp_path, layers, tokens):
+    shards = make_shards(tmp_path / "s", layers=layers)
+    train, _ = split_images(shards.n_imgs, 0.2, seed=0)
+    loader = ShuffledLoader(
+        shards,
+        layer=3,
+        tokens=tokens,
+        batch_size=7,
+        imgs=train,
+        seed=1,
+        chunk_mb=1e-4,
+        buffer_mb=3e-3,
+    )
+    got = [t for b in loader.batches(n_epochs=1) for t in ids(b)]
+    toks = {"patches": range(1, 5), "cls": range(0, 1), "all": range(0, 5)}[tokens]
+    want = sorted((int(i), layers.index(3), t) for i in train for t in toks)
+    assert sorted(got) == want
+    assert got != want  # shuffled
+    assert loader.n_tokens == len(want)
+    # Dims are intact: row = base + dim/10.
+    b = next(loader.batches())
+    assert torch.allclose(b - b[:, :1], torch.arange(6) / 10, atol=1e-3)
+
+
+def test_deterministic_and_restartable(tmp_path):
+    shards = make_shards(tmp_path / "s", layers=(3,), dtype="float16", n_imgs=9)
+    kw = dict(layer=-1, batch_size=5, seed=3, chunk_mb=1e-4, buffer_mb=2e-3, n_threads=3)
+    a = ShuffledLoader(shards, **kw)
+    b = ShuffledLoader(shards, **kw)
+    stream_a = [x for _, x in zip(range(30), a.batches(), strict=False)]  # > 3 epochs
+    stream_b = [x for _, x in zip(range(30), b.batches(), strict=False)]
+    assert all(torch.equal(x, y) for x, y in zip(stream_a, stream_b, strict=True))
+    # Restart at batch 11: the same batches as the uninterrupted stream.
+    c = ShuffledLoader(shards, **kw)
+    resumed = [x for _, x in zip(range(19), c.batches(start=11 * 5), strict=False)]
+    assert all(torch.equal(x, y) for x, y in zip(resumed, stream_a[11:], strict=True))
+    # A different seed gives a different order.
+    d = ShuffledLoader(shards, **{**kw, "seed": 4})
+    assert not torch.equal(next(d.batches()), stream_a[0])
+
+
+def test_split_is_disjoint_and_seeded():
+    train, ev = split_images(100, 0.1, seed=0)
+    assert len(ev) == 10 and len(train) == 90
+    assert set(train).isdisjoint(ev) and set(train) | set(ev) == set(range(100))
+    assert np.array_equal(split_images(100, 0.1, seed=0)[1], ev)
+    assert not np.array_equal(split_images(100, 0.1, seed=1)[1], ev)
+    assert len(split_images(3, 0.01, seed=0)[1]) == 1  # never an empty eval side
+    with pytest.raises(UserError, match="eval_frac"):
+        split_images(10, 1.0, seed=0)
+
+
+def test_sample_and_ordered(tmp_path):
+    shards = make_shards(tmp_path / "s")
+    train, ev = split_images(shards.n_imgs, 0.3, seed=0)
+    loader = ShuffledLoader(shards, layer=1, imgs=ev, batch_size=4, shuffle=False)
+    got = [t for b in loader.batches(n_epochs=1) for t in ids(b)]
+    assert got == [(int(i), 0, t) for i in ev for t in range(1, 5)]
+    s = ShuffledLoader(shards, layer=1, imgs=train, batch_size=4).sample(10, seed=0)
+    assert s.shape == (10, 6)
+    assert {i for i, _, t in ids(s)} <= set(train.tolist())
+
+
+def test_bad_layer_is_one_line(tmp_path):
+    shards = make_shards(tmp_path / "s")
+    with pytest.raises(UserError, match=r"layer 2 was not recorded.*\[1, 3\]"):
+        ShuffledLoader(shards, layer=2, batch_size=4)

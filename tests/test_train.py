@@ -1,0 +1,339 @@
+"""`saev train` end to end on tiny CPU shards: sweeps, checkpoints, resume, NaN guard, errors."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saev.nn
+from saev.__main__ import run
+from saev.evaluate import Metrics
+from saev.shards import Metadata, Shards, ShardWriter, iter_images
+from saev.shards.shuffled import split_images
+from saev.train.config import Config, DataConfig
+from saev.train.main import train
+
+D = 16
+
+
+def tiny_shards(root: pathlib.Path, *, d: int = D, n_imgs: int = 48, seed: int = 0) -> pathlib.Path:
+    """Activations that are sparse sums of a few directions plus noise (something to learn)."""
+    md = Metadata(
+        vit_family="timm",
+        vit_ckpt="tiny",
+        layers=[2, 3],
+        n_blocks=4,
+        n_patches_per_img=16,
+        cls_token=True,
+        d_vit=d,
+        n_imgs=n_imgs,
+        n_imgs_per_shard=20,
+        data={"kind": "test"},
+    )
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(4 * d, d))
+    codes = rng.exponential(size=(n_imgs, 2, 17, 4 * d)) * (
+        rng.random((n_imgs, 2, 17, 4 * d)) < 0.05
+    )
+    acts = codes @ atoms + 0.05 * rng.normal(size=(n_imgs, 2, 17, d)) + 3.0
+    with ShardWriter(root, md) as w:
+        w.write(acts.astype(np.float32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+    return tiny_shards(tmp_path_factory.mktemp("shards") / "s")
+
+
+SWEEP = """
+n_train = 3072
+lr = 3e-3
+lr_warmup = 256
+ckpt_every = 1024
+log_every = 4
+n_init_sample = 512
+[data]
+layer = -1
+batch_size = 128
+eval_frac = 0.25
+n_threads = 2
+[sae]
+family = ["topk", "relu"]
+exp_factor = 2
+k = [2, 4]
+sparsity_coeff = [0.1, 1.0]
+"""
+
+
+def sweep_cfg(tmp_path, shards, text=SWEEP, **kw) -> Config:
+    path = tmp_path / "grid.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return Config(
+        sweep=path,
+        data=DataConfig(shard_root=shards),
+        run_root=tmp_path / "runs",
+        device="cpu",
+        **kw,
+    )
+
+
+def eval_fvu(sae, shards_root: pathlib.Path) -> float:
+    """FVU of a loaded SAE over its eval split, computed here from the ordered reader."""
+    shards = Shards(shards_root)
+    split = sae.cfg["split"]
+    _, ev = split_images(shards.n_imgs, split["eval_frac"], split["seed"])
+    m = Metrics(1, sae.d_vit, sae.d_sae)
+    with torch.no_grad():
+        for i in ev.tolist():
+            _, x = next(
+                iter_images(shards, sae.layer, batch_size=1, tokens=sae.tokens, start=i, stop=i + 1)
+            )
+            x = x.reshape(-1, sae.d_vit)
+            f = sae.encode(x)
+            m.update(x, sae.decode(f)[None], f[None])
+    return m.result()[0]["fvu"]
+
+
+def test_sweep_over_two_families_trains_and_checkpoints_reproduce(tmp_path, shards, capsys):
+    run_dir = train(sweep_cfg(tmp_path, shards))
+    out = capsys.readouterr().out
+    assert "plan: 4 member(s) in 2 stacked group(s), 1 pass(es)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())["members"]
+    assert sorted(m["name"] for m in summary) == [
+        "000-topk-k2",
+        "001-topk-k4",
+        "002-relu-sparsity_coeff0.1",
+        "003-relu-sparsity_coeff1",
+    ]
+    for row in summary:
+        assert row["status"] == "ok" and row["ckpt_step"] == 24
+        assert row["name"] in out
+        sae = saev.nn.load(row["ckpt"])
+        assert (sae.d_vit, sae.d_sae, sae.layer, sae.tokens) == (D, 2 * D, 3, "patches")
+        assert sae.cfg["train"]["sae"]["family"] == row["family"]
+        assert sae.cfg["shards"]["d_vit"] == D
+        ev = row["eval"]
+        assert ev["n_tokens"] == 12 * 16  # 12 eval images x 16 patches
+        assert eval_fvu(sae, shards) == pytest.approx(ev["fvu"], rel=1e-5, abs=1e-7)
+        assert ev["fvu"] < 0.9  # it learned something
+        lines = [
+            json.loads(x)
+            for x in (run_dir / "members" / row["name"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert [x["step"] for x in lines] == list(range(4, 25, 4))
+        assert {"loss/recon", "loss/total", "l0", "fvu", "dead_frac", "lr", "tokens_per_s"} <= set(
+            lines[0]
+        )
+    topk = [m for m in summary if m["family"] == "topk"]
+    assert [m["eval"]["l0_mean"] for m in topk] == [2.0, 4.0]
+    for name in ("sweep.csv", "sweep.md", "pareto.png"):
+        assert (run_dir / "eval" / name).stat().st_size > 0
+    assert (run_dir / "eval" / "000-topk-k2" / "freq_hist.png").is_file()
+
+    # `saev evaluate` on the run directory gives the numbers training reported.
+    assert (
+        run(["evaluate", "--ckpt", str(run_dir), "--out", str(tmp_path / "ev"), "--device", "cpu"])
+        == 0
+    )
+    for row in summary:
+        doc = json.loads((tmp_path / "ev" / row["name"] / "evaluation.json").read_text())
+        assert doc["fvu"] == pytest.approx(row["eval"]["fvu"], rel=1e-12)
+        assert doc["split"] == "eval"
+    csv_lines = (tmp_path / "ev" / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("name,family,d_sae,l0_mean,fvu") and len(csv_lines) == 5
+
+    # The same config again is refused with a pointer to --resume.
+    with pytest.raises(Exception, match="already holds a finished run"):
+        train(sweep_cfg(tmp_path, shards))
+
+
+RESUME = """
+n_train = 2560
+lr = 3e-3
+ckpt_every = 768
+log_every = 2
+n_init_sample = 512
+[data]
+layer = 3
+batch_size = 128
+buffer_mb = 0.01
+chunk_mb = 0.002
+[sae]
+family = ["batchtopk", "jumprelu"]
+exp_factor = 2
+k = 4
+sparsity_coeff = 0.05
+"""
+
+
+def metrics_without_timing(path: pathlib.Path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+        for x in path.read_text().splitlines()
+    ]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, shards, monkeypatch):
+    whole = train(sweep_cfg(tmp_path / "a", shards, RESUME))
+
+    calls = {"n": 0}
+    orig = saev.nn.StackAdam.step
+
+    def dying_step(self, loss=None):
+        calls["n"] += 1
+        if calls["n"] == 2 * 13:  # step 13 of the second group: after the checkpoint at step 12
+            raise KeyboardInterrupt
+        return orig(self, loss)
+
+    monkeypatch.setattr(saev.nn.StackAdam, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(sweep_cfg(tmp_path / "b", shards, RESUME))
+    monkeypatch.setattr(saev.nn.StackAdam, "step", orig)
+    killed = tmp_path / "b" / "runs" / whole.name
+    assert (
+        json.loads((killed / "members" / "000-batchtopk" / "config.json").read_text())["step"] == 12
+    )
+    assert not (killed / "summary.json").exists()
+
+    train(Config(resume=killed, device="cpu"))
+    for name in ("000-batchtopk", "001-jumprelu"):
+        a = load_file(whole / "members" / name / "sae.safetensors")
+        b = load_file(killed / "members" / name / "sae.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+        strip = metrics_without_timing
+        assert strip(whole / "members" / name / "metrics.jsonl") == strip(
+            killed / "members" / name / "metrics.jsonl"
+        )
+    sa = json.loads((whole / "summary.json").read_text())["members"]
+    sb = json.loads((killed / "summary.json").read_text())["members"]
+    assert [m["eval"]["fvu"] for m in sa] == [m["eval"]["fvu"] for m in sb]
+
+
+def test_nan_in_one_member_stops_only_it(tmp_path, shards, monkeypatch, capsys):
+    text = SWEEP.replace('family = ["topk", "relu"]', 'family = "topk"').replace(
+        "sparsity_coeff = [0.1, 1.0]\n", ""
+    )
+    text = text.replace("k = [2, 4]", "k = [2, 3, 4]")
+    orig = saev.nn.TopKStack.forward
+    calls = {"n": 0}
+
+    def forward(self, x, warmup=1.0):
+        out = orig(self, x, warmup)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 10:  # from step 10 on, member 1's loss is NaN
+                total = out.losses["total"].clone()
+                total[1] = total[1] * float("nan")
+                out.losses["total"] = total
+        return out
+
+    monkeypatch.setattr(saev.nn.TopKStack, "forward", forward)
+    run_dir = train(sweep_cfg(tmp_path, shards, text))
+    err = capsys.readouterr()
+    assert (
+        "member 001-topk-k3: non-finite loss (nan) or gradient at step 10; stopped it, its last good checkpoint (step 8) is kept; the others go on."
+        in err.out + err.err
+    )
+    rows = {m["name"]: m for m in json.loads((run_dir / "summary.json").read_text())["members"]}
+    assert rows["001-topk-k3"]["status"] == "stopped" and rows["001-topk-k3"]["ckpt_step"] == 8
+    assert (
+        json.loads((run_dir / "members" / "001-topk-k3" / "config.json").read_text())["step"] == 8
+    )
+    for name in ("000-topk-k2", "002-topk-k4"):
+        assert rows[name]["status"] == "ok" and rows[name]["ckpt_step"] == 24
+        assert rows[name]["eval"]["fvu"] < 0.9
+
+
+def test_single_run_from_flags(tmp_path, shards, capsys):
+    argv = [
+        "train",
+        "--data.shard-root",
+        str(shards),
+        "--data.layer",
+        "-1",
+        "--sae.family",
+        "topk",
+        "--sae.exp-factor",
+        "2",
+        "--sae.k",
+        "4",
+        "--lr",
+        "4e-3",
+        "--n-train",
+        "1_024",
+        "--data.batch-size",
+        "128",
+        "--run-root",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--n-init-sample",
+        "256",
+    ]
+    assert run(argv) == 0
+    (run_dir,) = tmp_path.iterdir()
+    (member,) = (run_dir / "members").iterdir()
+    assert saev.nn.load(member).cfg["hparams"]["k"] == 4
+    assert "| 000-topk | ok |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data.layer", "1"], "error: layer 1 was not recorded in .*; recorded layers: [2, 3]"),
+        (
+            ["--sae.family", "relu", "--sae.k", "3"],
+            "error: the command line: --sae.k does not apply to family relu",
+        ),
+        ([], "error: no shard directory: pass --data.shard-root DIR"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, shards, capsys, argv, message):
+    if "no shard" not in message:
+        argv = ["--data.shard-root", str(shards), *argv]
+    assert run(["train", "--run-root", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    import re
+
+    assert re.match(re.escape(message).replace(r"\.\*", ".*"), err), err
+
+
+def test_resume_on_other_d_vit_is_refused(tmp_path, shards, monkeypatch, capsys):
+    cfg = Config(
+        data=DataConfig(shard_root=shards, layer=3, batch_size=128),
+        n_train=512,
+        run_root=tmp_path,
+        device="cpu",
+        ckpt_every=256,
+        n_init_sample=256,
+        sae=Config().sae.__class__(exp_factor=2, k=4),
+    )
+    orig = saev.nn.StackAdam.step
+
+    def dying_step(self, loss=None):
+        if int(self.steps.max()) >= 3:
+            raise KeyboardInterrupt
+        return orig(self, loss)
+
+    monkeypatch.setattr(saev.nn.StackAdam, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(saev.nn.StackAdam, "step", orig)
+    (run_dir,) = tmp_path.iterdir()
+    other = tiny_shards(tmp_path / "other", d=8)
+    capsys.readouterr()
+    code = run(["train", "--resume", str(run_dir), "--data.shard-root", str(other)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: --resume {run_dir}: the run was trained on d_vit={D}, but {other} holds d_vit=8; "
+        "resume on the shards it was trained on."
+    )
