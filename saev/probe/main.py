@@ -196,7 +196,12 @@ def main(cfg: Config) -> None:
         layer = md.layers[-1] if cfg.layer is None else md.resolve_layer(cfg.layer)
         shards.layer_pos(layer)  # UserError listing the recorded layers
     if cfg.visuals is not None and not (cfg.visuals / "latents").is_dir():
-        logger.warning("%s has no latents/ folder; latent links will be dead.", cfg.visuals)
+        logger.warning(
+            "%s has no latents/ folder yet; latent links work once `saev visuals --out %s` "
+            "renders them (pass report.json's latents_of_interest to --include-latents).",
+            cfg.visuals,
+            cfg.visuals,
+        )
 
     index = shards.images
     split_col = index.labels("split") if "split" in index.label_names else None
