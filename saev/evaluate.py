@@ -129,8 +129,13 @@ def hist_quantile(hist: np.ndarray, q: float) -> float:
 
 
 def log10_freq_hist(freq: np.ndarray, *, bins: int = 50, lo: float = -8.0) -> dict:
-    """Histogram of log10 latent frequency over the live latents; dead latents counted apart."""
+    """Histogram of log10 latent frequency over the live latents; dead latents counted apart.
+
+    The range starts at `lo` or lower, so a latent that fired once in a huge split is still binned.
+    """
     live = freq[freq > 0]
+    if live.size:
+        lo = min(lo, math.floor(float(np.log10(live.min()))))
     counts, edges = np.histogram(np.log10(live), bins=bins, range=(lo, 0.0))
     return {"edges": edges.tolist(), "counts": counts.tolist(), "n_dead": int((freq == 0).sum())}
 
@@ -233,8 +238,8 @@ def evaluate_ckpts(
                 raise UserError(
                     f"{path}: SAE d_vit={sae.d_vit} but {root} holds d_vit={shards.md.d_vit}."
                 )
-        if eval_frac is None:
-            logger.warning("%s: no train/eval split recorded; scoring on all images.", root)
+        if not eval_frac:  # None (saev 0.1, no split) or 0.0 (trained with --data.eval-frac 0)
+            logger.warning("%s: no held-out split recorded; scoring on all images.", root)
             imgs, split_name = np.arange(shards.n_imgs), "all"
         else:
             imgs, split_name = split_images(shards.n_imgs, eval_frac, split_seed)[1], "eval"

@@ -78,3 +78,9 @@ def test_pareto_front_and_freq_hist():
     assert pareto_front(pts) == [4, 0, 1]
     h = log10_freq_hist(np.array([0.0, 1e-3, 1e-3, 0.5]), bins=8, lo=-8)
     assert h["n_dead"] == 1 and sum(h["counts"]) == 3
+
+
+def test_freq_hist_bins_latents_rarer_than_its_default_range():
+    # One firing in 10^9 tokens is live, not dead: it must land in a bin.
+    h = log10_freq_hist(np.array([0.0, 1e-9, 0.01]), bins=10, lo=-8)
+    assert h["n_dead"] == 1 and sum(h["counts"]) == 2 and h["edges"][0] <= -9

@@ -212,3 +212,30 @@ def test_reference_saev_0_1_directory(tmp_path):
     (tmp_path / "acts000001.bin").write_bytes(b"\0" * 10)
     with pytest.raises(UserError, match="truncated"):
         Shards(tmp_path)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_later_reference_layout_counts_cls_slot_only_when_present(tmp_path, cls_token):
+    # Later reference versions write `max_patches_per_shard` and size shards with
+    # n_patches + int(cls_token) tokens per image (saev 0.1 always reserved the CLS slot).
+    n_patches, n_layers, d, per_shard = 4, 1, 8, 3
+    n_tok = n_patches + int(cls_token)
+    meta = {
+        "vit_family": "clip",
+        "vit_ckpt": "ViT-B-32/openai",
+        "layers": [-1],
+        "n_patches_per_img": n_patches,
+        "cls_token": cls_token,
+        "d_vit": d,
+        "seed": 0,
+        "n_imgs": 6,
+        "max_patches_per_shard": per_shard * n_layers * n_tok,
+        "data": "x",
+    }
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    acts = np.arange(6 * n_layers * n_tok * d, dtype=np.float32).reshape(6, n_layers, n_tok, d)
+    for s in range(2):
+        acts[s * per_shard : (s + 1) * per_shard].tofile(tmp_path / f"acts{s:06d}.bin")
+    shards = Shards(tmp_path)
+    assert shards.md.n_imgs_per_shard == per_shard
+    np.testing.assert_array_equal(shards.img_acts(4), acts[4])

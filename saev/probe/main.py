@@ -69,7 +69,7 @@ class Config:
     crosses: tuple[str, ...] = ()
     """Intersections to report, each as comma-joined attributes (e.g. gender,race); default: the last two attributes, and all of them when there are three or more."""
     min_cell_images: int = intersect.MIN_CELL
-    """Cells with fewer held-out images are listed but left out of worst-group accuracy and gaps (and of firing departures)."""
+    """Cells with fewer held-out images are listed but left out of worst-group accuracy and gaps; firing departures (computed over all labelled images) skip cells with fewer images in all."""
     visuals: pathlib.Path | None = None
     """Output folder of `saev visuals` for the same SAE; latent ids then link to its latents/<id>.html."""
     batch_size: int = 64

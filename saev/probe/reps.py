@@ -90,7 +90,11 @@ def build(
         sae = sae.to(device) if hasattr(sae, "to") else sae
         if hasattr(sae, "eval"):
             sae.eval()
-        sae_slice = shards.token_slice(getattr(sae, "tokens", "patches"))
+        # DESIGN §7 pools SAE codes over patches, also for an SAE trained on all tokens; only a
+        # CLS-token SAE reads the CLS token.
+        sae_slice = shards.token_slice(
+            "cls" if getattr(sae, "tokens", None) == "cls" else "patches"
+        )
     dims = {n: (sae.d_sae if n.startswith("sae-") else md.d_vit) for n in todo}
     tmps = {n: reps_dir / f".{n}.npy.tmp" for n in todo}
     arrays = {

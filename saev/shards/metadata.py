@@ -185,8 +185,10 @@ class Metadata:
             n_patches = int(dct["n_patches_per_img"])
             per_shard = dct.get("n_patches_per_shard", dct.get("max_patches_per_shard"))
             cls_token = bool(dct.get("cls_token", True))
-            # The reference always reserved a CLS slot when computing images per shard.
-            n_imgs_per_shard = int(per_shard) // len(layers) // (n_patches + 1)
+            # saev 0.1 (`n_patches_per_shard`) always reserved a CLS slot per image; later
+            # reference versions (`max_patches_per_shard`) count a CLS slot only when present.
+            slots = n_patches + (1 if "n_patches_per_shard" in dct else int(cls_token))
+            n_imgs_per_shard = int(per_shard) // len(layers) // slots
             data = dct.get("data", "")
             return cls(
                 vit_family=str(family),

@@ -36,8 +36,8 @@ MAX_LABEL_VALUES = 50
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    shard_root: pathlib.Path = pathlib.Path("shards")
-    """Shard directory written by `saev activations`."""
+    shard_root: pathlib.Path | None = None
+    """Shard directory written by `saev activations`; default: the one the checkpoint was trained on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +90,13 @@ def main(cfg: Config) -> None:
         raise UserError(f"--n-latents {cfg.n_latents}; expected >= 0.")
     if cfg.colormap not in _colormaps():
         raise UserError(f"--colormap {cfg.colormap!r} is not a matplotlib colormap (try plasma).")
-    shards = Shards(cfg.data.shard_root)
     sae = _load_sae(cfg.ckpt)
+    shard_root = cfg.data.shard_root or sae.cfg.get("shard_root")
+    if shard_root is None:
+        raise UserError(f"--ckpt {cfg.ckpt} records no shard directory; pass --data.shard-root.")
+    if not pathlib.Path(shard_root).is_dir():
+        raise UserError(f"--data.shard-root {shard_root}: no such shard directory.")
+    shards = Shards(shard_root)
     layer = check_compatible(sae, shards, cfg.layer, cfg.ckpt)
     device = resolve_device(cfg.device)
     sae = sae.to(device).eval()
@@ -132,7 +137,7 @@ def main(cfg: Config) -> None:
     )
     info = {
         "checkpoint": str(cfg.ckpt),
-        "shards": str(cfg.data.shard_root),
+        "shards": str(shards.root),
         "layer": layer,
         "d_sae": result.d_sae,
         "images": result.n_imgs,
@@ -383,7 +388,9 @@ def render_latents(
             grids = f.index_select(2, latent_t).cpu().numpy()  # [b, n_patches, len(latents)]
             for bi, img in enumerate(batch):
                 rel = index.path(img) if index is not None else ""
-                image = render.load_image(image_root / rel, md.image_size, geometry) if rel else None
+                image = (
+                    render.load_image(image_root / rel, md.image_size, geometry) if rel else None
+                )
                 missing = image is None
                 n_missing += missing
                 if missing:
