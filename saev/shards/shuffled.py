@@ -18,7 +18,20 @@ A background thread plans windows (reading the next window while the current one
 served); each batch is one `np.take` of its shuffled row indices from the window buffer
 (which also drops unselected tokens such as CLS), run on a second thread pool into a
 float32 tensor, pinned when CUDA is used. Data is copied twice: disk to buffer, buffer to
-batch.
+batch (float16 shards go through a small per-thread float16 scratch batch that stays in
+cache, converted to float32 by torch). The window buffers are kept by the loader between
+`batches()` calls, because first-touching fresh memory costs a page fault and a page clear;
+unpinned batch memory is recycled for the same reason (see `_batch_array`).
+
+Against a sequential reader of the same files (benchmarks/loader.py), the one extra cost is
+the gather itself: rows at random offsets of a buffer far larger than the caches copy about
+three times slower than contiguous rows, so on one core the loader does ~0.6x the sequential
+reader's work per second; it makes that up by running reads and gathers on several cores.
+
+Everything on the hot path runs on the calling thread: numpy's `take` is single-threaded and
+torch copies are cut below its intra-op grain size, so no call wakes torch's OpenMP pool from
+a worker thread. (Waking it from several threads at once oversubscribes the cores; on a busy
+2-core machine that made a plain `copy_` ten times slower.)
 """
 
 import concurrent.futures
@@ -27,6 +40,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +54,23 @@ from saev.errors import UserError
 from saev.shards.reader import Shards, Tokens
 
 logger = logging.getLogger("saev.shards.shuffled")
+
+# Elements per torch copy: below at::internal::GRAIN_SIZE (32768), so torch runs the copy on
+# the calling thread instead of its OpenMP pool (see the module docstring).
+_COPY_ELEMS = 32768
+
+
+def copy_as_float32(dst: np.ndarray, src: np.ndarray) -> None:
+    """`dst[...] = src` for float32 `dst` [rows, d] and float32 or float16 `src` [rows, d]
+    (any strides), single-threaded. float16 goes through torch, whose SIMD conversion is
+    several times faster than numpy's."""
+    if src.dtype == np.float32:
+        np.copyto(dst, src)
+        return
+    step = max(1, _COPY_ELEMS // (src.shape[-1] or 1) - 1)
+    td, ts = torch.from_numpy(dst), torch.from_numpy(src)
+    for a in range(0, src.shape[0], step):
+        td[a : a + step].copy_(ts[a : a + step])
 
 
 def split_images(
@@ -125,6 +156,10 @@ class ShuffledLoader:
         self.n_tokens = int(self.chunk_tokens.sum())
         """Tokens in one epoch."""
         self.window_tokens = max(int(buffer_mb * 2**20) // (4 * md.d_vit), batch_size)
+        self._idle_buffers: list[list] = []  # window buffers kept between batches() calls
+        self._scratch = threading.local()  # per gather thread: float16 batch before conversion
+        self._pool: list[np.ndarray] = []  # batch slabs, see _batch_array
+        self._pool_lock = threading.Lock()
 
     def _make_chunks(self, chunk_imgs: int) -> list[Chunk]:
         per = self.md.n_imgs_per_shard
@@ -156,13 +191,12 @@ class ShuffledLoader:
             windows.append(cur)
         return windows
 
-    def _window_perm(self, epoch: int, window: int, n: int) -> torch.Tensor | None:
+    def _window_perm(self, epoch: int, window: int, n: int) -> np.ndarray | None:
         if not self.shuffle:
             return None
-        gen = torch.Generator().manual_seed(
-            int(np.random.default_rng([self.seed, epoch, window]).integers(2**62))
-        )
-        return torch.randperm(n, generator=gen)
+        # numpy, not torch.randperm: that wakes torch's OpenMP pool, whose threads then spin
+        # for milliseconds after every window (9 ms of CPU per 60k-token window on 2 cores).
+        return np.random.default_rng([self.seed, epoch, window]).permutation(n)
 
     # Reading.
 
@@ -217,19 +251,54 @@ class ShuffledLoader:
         max_chunk = max(c.local.size for c in self.chunks)
         return min(self.imgs.size, -(-self.window_tokens // self.n_tok) + max_chunk)
 
-    def _gather(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
-        """One batch: the rows `idx` of each window buffer, as float32 (pinned if asked)."""
+    def _gather(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
+        """One batch: the rows `idx` of each window buffer, as float32 (pinned if asked).
+
+        Returned in a one-item list that the consumer empties: the future stays referenced
+        (to know when its window buffer is free) long after the batch is used, and must not
+        keep the batch alive that long."""
         n = sum(idx.size for _, idx in parts)
-        out = torch.empty((n, self.md.d_vit), dtype=torch.float32, pin_memory=self.pin_memory)
-        dst = out.numpy()
+        if self.pin_memory:  # torch's pinned allocator caches and reuses these blocks
+            out = torch.empty((n, self.md.d_vit), dtype=torch.float32, pin_memory=True)
+            dst = out.numpy()
+        else:
+            dst = self._batch_array(n)
+            out = torch.from_numpy(dst)
         i = 0
         for buf, idx in parts:
+            # mode="clip": with the default mode="raise", numpy gathers into a temporary and
+            # copies that into `out` (a second copy of the batch). The indices are in range.
             if buf.dtype == np.float32:
-                np.take(buf, idx, axis=0, out=dst[i : i + idx.size])
+                np.take(buf, idx, axis=0, out=dst[i : i + idx.size], mode="clip")
             else:
-                dst[i : i + idx.size] = np.take(buf, idx, axis=0)
+                # Random rows are the costly part: gather them at half the bytes, then
+                # convert the cache-resident scratch.
+                scratch = getattr(self._scratch, "buf", None)
+                if scratch is None or scratch.shape[0] < idx.size:
+                    scratch = self._scratch.buf = np.empty((idx.size, self.md.d_vit), buf.dtype)
+                np.take(buf, idx, axis=0, out=scratch[: idx.size], mode="clip")
+                copy_as_float32(dst[i : i + idx.size], scratch[: idx.size])
             i += idx.size
-        return out
+        return [out]
+
+    def _batch_array(self, n: int) -> np.ndarray:
+        """Memory for one unpinned float32 batch. Batches are allocated on gather threads and
+        freed on the consumer's, so malloc hands their memory back to the kernel and every
+        fresh batch page-faults (about a tenth of the loader's CPU time). Full batches are
+        therefore views of pooled slabs: a tensor made from the view keeps the view, and so
+        the slab, referenced, so a slab whose only references are the pool's is free."""
+        if n != self.batch_size:
+            return np.empty((n, self.md.d_vit), dtype=np.float32)
+        with self._pool_lock:
+            for slab in self._pool:
+                # References: the pool's list, the loop variable, getrefcount's argument.
+                if sys.getrefcount(slab) == 3:
+                    return slab[:]
+            slab = np.empty((n, self.md.d_vit), dtype=np.float32)
+            # Enough for the queue, the batches being gathered and a few held by the consumer.
+            if len(self._pool) < self.prefetch_batches + self.n_threads + 4:
+                self._pool.append(slab)
+            return slab[:]
 
     # Iteration.
 
@@ -254,7 +323,7 @@ class ShuffledLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                item = item.result()
+                item = item.result().pop()
                 self.stats.tokens += item.shape[0]
                 now = time.perf_counter()
                 if now - last_log > 30:
@@ -284,6 +353,8 @@ class ShuffledLoader:
                     pass
             return False
 
+        # Take the kept window buffers (a second live iterator allocates its own).
+        buffers, self._idle_buffers = self._idle_buffers, []
         try:
             # Reads and gathers get their own pools, so batches of the current window are
             # assembled while the next window's reads are in flight. Both release the GIL.
@@ -291,21 +362,33 @@ class ShuffledLoader:
                 ThreadPoolExecutor(self.n_threads, thread_name_prefix="saev-read") as reads,
                 ThreadPoolExecutor(self.n_threads, thread_name_prefix="saev-batch") as gathers,
             ):
-                for future in self._stream(reads, gathers, start, n_epochs, stop):
+                for future in self._stream(reads, gathers, start, n_epochs, stop, buffers):
                     if not put(future):
                         return
             put(None)
         except BaseException as err:  # handed to the consumer, which re-raises it
             put(err)
+        finally:
+            # The pools have shut down, so no read or gather touches the buffers any more.
+            self._idle_buffers = [[array, []] for array, _ in buffers]
 
-    def _stream(self, reads, gathers, start: int, n_epochs: int | None, stop: threading.Event):
-        """Yields a future per batch. Window buffers are recycled (three at most: one being
-        read, one being served, one whose last batches are still being gathered), because
-        writing into fresh memory costs a page fault per 4 KiB."""
+    def _stream(
+        self,
+        reads,
+        gathers,
+        start: int,
+        n_epochs: int | None,
+        stop: threading.Event,
+        buffers: list[list],
+    ):
+        """Yields a future per batch. Window buffers are recycled (three, unless a batch spans
+        more windows: one being read, one being served, one whose last batches are still
+        being gathered), because
+        writing into fresh memory costs a page fault per 4 KiB. `buffers` holds
+        [array, gather futures reading it, or None while in use]; it may start with idle ones."""
         B = self.batch_size
         md = self.md
         capacity = self._window_capacity()
-        buffers: list[list] = []  # [array, gather futures reading it, or None while in use]
 
         def take_buffer() -> list:
             while True:
@@ -313,12 +396,15 @@ class ShuffledLoader:
                     if entry[1] is not None and all(f.done() for f in entry[1]):
                         entry[1] = None
                         return entry
-                if len(buffers) < 3:
+                waiting = [f for e in buffers if e[1] is not None for f in e[1]]
+                # A partial batch keeps every window it spans busy until it fills, so when
+                # windows are smaller than a batch (an epoch's last window can be) none may
+                # be on its way to free: then a fourth buffer is the only way on.
+                if len(buffers) < 3 or not waiting:
                     shape = (capacity, md.n_tokens_per_img * md.d_vit)
                     entry = [np.empty(shape, md.np_dtype), None]
                     buffers.append(entry)
                     return entry
-                waiting = [f for e in buffers if e[1] is not None for f in e[1]]
                 concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
 
         epoch, pos = divmod(start, self.n_tokens)
@@ -342,7 +428,7 @@ class ShuffledLoader:
             buf, rows = result()
             perm = self._window_perm(ep, wi, rows.size)
             if perm is not None:
-                rows = rows[perm.numpy()]
+                rows = rows[perm]
             rows = rows[skip:]
             futures: list = []
             i = 0
