@@ -13,6 +13,7 @@ separate/one-pass (> 1 means the single pass is faster).
 import argparse
 import contextlib
 import io
+import json
 import os
 import pathlib
 import tempfile
@@ -69,11 +70,17 @@ def config(
     )
 
 
-def timed(cfg: Config) -> float:
+def timed(cfg: Config) -> tuple[float, list[float]]:
+    """Wall seconds of one `train` call and the last logged training-batch FVU of each member."""
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        train(cfg)
-    return time.perf_counter() - t0
+        run_dir = train(cfg)
+    seconds = time.perf_counter() - t0
+    fvus = []
+    for member in sorted((run_dir / "members").iterdir()):
+        last = (member / "metrics.jsonl").read_text().splitlines()[-1]
+        fvus.append(json.loads(last)["fvu"])
+    return seconds, fvus
 
 
 def main() -> None:
@@ -94,14 +101,23 @@ def main() -> None:
             f"topk, d_vit={args.d_vit}, d_sae={args.d_vit * args.exp_factor}, n_train={args.n_train:,}, "
             f"batch={args.batch_size}, device={args.device}, cpus={os.cpu_count()}"
         )
-        print(f"{'S':>3} {'one pass (s)':>13} {'S runs (s)':>11} {'ratio':>6}")
+        print(
+            f"{'S':>3} {'one pass (s)':>13} {'S runs (s)':>11} {'ratio':>6}  final batch FVU by k"
+        )
         for S in args.sizes:
             ks = [8 + 4 * i for i in range(S)]
             grid = tmp / f"grid{S}.toml"
             grid.write_text(f"[sae]\nk = {ks}\n")
-            one = timed(config(args, shards, tmp / f"one{S}", grid))
-            separate = sum(timed(config(args, shards, tmp / f"sep{S}-{k}", None, k=k)) for k in ks)
-            print(f"{S:>3} {one:>13.2f} {separate:>11.2f} {separate / one:>6.2f}")
+            one, fvus = timed(config(args, shards, tmp / f"one{S}", grid))
+            runs = [timed(config(args, shards, tmp / f"sep{S}-{k}", None, k=k)) for k in ks]
+            separate = sum(t for t, _ in runs)
+            # Members of the one-pass run are named in k order; a stacked member must match its solo run.
+            fvu_text = " ".join(
+                f"k{k}={f:.3f}" + ("" if abs(f - solo[0]) < 1e-3 else f"(solo {solo[0]:.3f})")
+                for k, f, (_, solo) in zip(ks, fvus, runs, strict=True)
+            )
+            print(f"{S:>3} {one:>13.2f} {separate:>11.2f} {separate / one:>6.2f}  {fvu_text}")
+        print("ratio: S separate runs / one pass (> 1: the stacked pass is faster).")
 
 
 if __name__ == "__main__":

@@ -293,6 +293,10 @@ def test_single_run_from_flags(tmp_path, shards, capsys):
             "error: the command line: --sae.k does not apply to family relu",
         ),
         ([], "error: no shard directory: pass --data.shard-root DIR"),
+        (
+            ["--n-train", "1000", "--lr-warmup", "1000"],
+            "error: member 000-topk: lr_warmup=1,000 tokens must be >= 0 and below n_train=1,000",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, shards, capsys, argv, message):
@@ -337,3 +341,15 @@ def test_resume_on_other_d_vit_is_refused(tmp_path, shards, monkeypatch, capsys)
         f"error: --resume {run_dir}: the run was trained on d_vit={D}, but {other} holds d_vit=8; "
         "resume on the shards it was trained on."
     )
+
+
+def test_default_lr_warmup_fits_short_runs():
+    """A fixed 1M-token warmup kept a 200k-token run below a fifth of its peak lr (issue: FVU > 1)."""
+    from saev.train.schedules import lr_at, lr_warmup_tokens
+
+    assert lr_warmup_tokens(None, 200_000) == 10_000
+    assert lr_warmup_tokens(None, 100_000_000) == 1_000_000
+    assert lr_warmup_tokens(123, 200_000) == 123
+    warmup = lr_warmup_tokens(None, 200_000)
+    peak = max(lr_at(t, lr=4e-4, warmup=warmup, n_train=200_000) for t in range(0, 200_000, 2048))
+    assert peak == pytest.approx(4e-4, rel=0.01)

@@ -55,7 +55,7 @@ class TopKStack(Stack):
         with torch.no_grad():
             pre = self.pre_acts(xs)
         k = self.hp("k")
-        kmax = min(int(k.max()), self.d_sae)
+        kmax = min(self.hp_max("k"), self.d_sae)
         idx = pre.topk(kmax, dim=-1, sorted=True).indices
         pos = (idx + torch.arange(B, device=idx.device)[None, :, None] * self.d_sae).reshape(S, -1)
         vals = torch.relu(self._select(pre, xs, pos).view(S, B, kmax)) * _rank_mask(k, kmax)
@@ -75,7 +75,7 @@ class TopKStack(Stack):
             return None
         S, B = xs.shape[:2]
         k_aux = self.hp("k_aux")
-        kmax = min(int(k_aux.max()), self.d_sae)
+        kmax = min(self.hp_max("k_aux"), self.d_sae)
         with torch.no_grad():
             top = pre.masked_fill(~dead[:, None, :], -math.inf).topk(kmax, dim=-1, sorted=True)
             valid = torch.isfinite(top.values) & _rank_mask(k_aux, kmax)
@@ -109,7 +109,7 @@ class BatchTopKStack(TopKStack):
         with torch.no_grad():
             pre = self.pre_acts(xs)
         kB = self.hp("k") * B
-        kmax = min(int(kB.max()), B * self.d_sae)
+        kmax = min(self.hp_max("k") * B, B * self.d_sae)
         with torch.no_grad():
             top = pre.reshape(S, -1).topk(kmax, dim=-1, sorted=True)
             keep = (torch.arange(kmax, device=pre.device)[None, :] < kB[:, None]) & (top.values > 0)

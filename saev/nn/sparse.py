@@ -8,18 +8,41 @@ index-adds over the B*k active (token, latent) pairs:
 - `gather_pre` picks the selected pre-activations out of an already computed
   (detached) pre-activation tensor; its backward scatters the gradient into the selected
   encoder columns and b_enc only.
-- `decode_fixed` / `decode_flat` are embedding-bag sums of the active decoder rows, whose
-  backward (torch's) also touches only those rows.
+- `decode_fixed` / `decode_flat` multiply a sparse (CSR) code matrix with the decoder; the
+  backward touches only the active decoder rows.
+
+Both backward passes are one sparse-dense matmul (MKL / cuSPARSE) over the block-diagonal
+[S*B, S*F] code matrix of the whole stack. A gather-multiply-index_add formulation was
+~6x slower on CPU than this, and slower than the dense matmul it replaces.
 
 Positions are flat indices into a member's [B, d_sae] code matrix (`b * d_sae + f`), so one
 representation serves per-token top-k (k per row) and BatchTopK (any number per row).
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-# Entries handled per index_add chunk in the encoder backward (bounds the [chunk, d] buffer).
-_CHUNK_ELEMS = 1 << 25
+
+def _flat_rows_cols(pos: torch.Tensor, B: int, Fdim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (member*B + token) and column (member*F + latent) of every active entry; pos: [S, N]."""
+    S = pos.shape[0]
+    member = torch.arange(S, device=pos.device)[:, None]
+    rows = (torch.div(pos, Fdim, rounding_mode="floor") + member * B).reshape(-1)
+    cols = (pos % Fdim + member * Fdim).reshape(-1)
+    return rows, cols
+
+
+def _csr(rows, cols, values, n_rows: int, n_cols: int) -> torch.Tensor:
+    """Block-diagonal [S*B, S*F] code matrix; `rows` must be ascending (they are: positions are
+    sorted within a member and members are stacked in order)."""
+    crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
+    with warnings.catch_warnings():
+        # torch warns that CSR support is "beta"; the ops used here (CSR @ dense and its
+        # transpose) are plain MKL / cuSPARSE SpMM calls.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
 
 
 class _GatherPre(torch.autograd.Function):
@@ -37,24 +60,17 @@ class _GatherPre(torch.autograd.Function):
         S, B, Fdim = ctx.shape
         d = W_enc.shape[1]
         g = g.contiguous()
-        feat = pos % Fdim
         grad_b_enc = torch.zeros(S, Fdim, dtype=g.dtype, device=g.device)
-        grad_b_enc.scatter_add_(1, feat, g)
+        grad_b_enc.scatter_add_(1, pos % Fdim, g)
 
         grad_W_enc = None
         if ctx.needs_input_grad[3]:
-            # x~ = s*x - b_dec per member, rows addressed as s*B + b.
+            # dW_enc = x~^T G with G the sparse [B, F] gradient of pre: one sparse-dense matmul
+            # (G^T x~) over the block-diagonal stack, B*k*d work instead of B*F*d.
             x_t = (xs.expand(S, B, d) - b_dec[:, None, :]).reshape(S * B, d)
-            member = torch.arange(S, device=g.device)[:, None]
-            rows = (pos // Fdim + member * B).reshape(-1)
-            cols = (feat + member * Fdim).reshape(-1)
-            gf = g.reshape(-1)
-            gT = torch.zeros(S * Fdim, d, dtype=g.dtype, device=g.device)
-            step = max(1, _CHUNK_ELEMS // d)
-            for lo in range(0, gf.numel(), step):
-                hi = lo + step
-                gT.index_add_(0, cols[lo:hi], x_t[rows[lo:hi]] * gf[lo:hi, None])
-            grad_W_enc = gT.view(S, Fdim, d).transpose(1, 2)
+            rows, cols = _flat_rows_cols(pos, B, Fdim)
+            G = _csr(rows, cols, g.reshape(-1), S * B, S * Fdim)
+            grad_W_enc = (G.t() @ x_t).view(S, Fdim, d).transpose(1, 2)
 
         grad_b_dec = None
         if ctx.needs_input_grad[2]:

@@ -20,6 +20,8 @@ from saev.nn.stack import Codes, Stack
 class VariationalStack(Stack):
     """Shared heads, sampling and KL; subclasses pick μ and the sparsity rule."""
 
+    samples = True
+
     def _init_family(self):
         self.W_logvar = nn.Parameter(torch.zeros(self.S, self.d_vit, self.d_sae))
         self.b_logvar = nn.Parameter(torch.zeros(self.S, self.d_sae))
@@ -67,7 +69,7 @@ class VTopKStack(VariationalStack):
         S, B = xs.shape[:2]
         z, kl = self._variational(xs, self.pre_acts(xs), train, warm)
         k = self.hp("k")
-        kmax = min(int(k.max()), self.d_sae)
+        kmax = min(self.hp_max("k"), self.d_sae)
         top = z.topk(kmax, dim=-1, sorted=True)
         vals = torch.relu(top.values) * families._rank_mask(k, kmax)
         return Codes(S, B, self.d_sae, idx=top.indices, vals=vals), {"kl": kl}, None

@@ -144,8 +144,8 @@ class Config:
     sae: SaeConfig = SaeConfig()
     lr: float = 4e-4
     """Peak learning rate (Adam)."""
-    lr_warmup: int = 1_000_000
-    """Tokens of linear learning-rate warmup."""
+    lr_warmup: int | None = None
+    """Tokens of linear learning-rate warmup; None: 1M tokens or 5% of n_train, whichever is smaller."""
     lr_decay: Decay = "cosine"
     """Learning-rate decay after warmup, down to lr * min_lr_frac at n_train."""
     min_lr_frac: float = 0.0

@@ -24,7 +24,7 @@ from saev.shards import Shards
 from saev.shards.shuffled import ShuffledLoader, split_images
 from saev.train import sweep
 from saev.train.log import MemberLog
-from saev.train.schedules import lr_at, warmup_frac
+from saev.train.schedules import lr_at, lr_warmup_tokens, warmup_frac
 
 logger = logging.getLogger("saev.train")
 
@@ -178,7 +178,7 @@ def train_pass(
                     lr_at(
                         seen,
                         lr=m.cfg.lr,
-                        warmup=m.cfg.lr_warmup,
+                        warmup=lr_warmup_tokens(m.cfg.lr_warmup, m.cfg.n_train),
                         n_train=m.cfg.n_train,
                         decay=m.cfg.lr_decay,
                         min_frac=m.cfg.min_lr_frac,

@@ -113,6 +113,12 @@ def prepare(cfg: Config) -> tuple[pathlib.Path, list[sweep.Member], dict | None]
             raise UserError(
                 f"member {m.name}: batch_size={m.cfg.data.batch_size} and n_train={m.cfg.n_train} must be >= 1."
             )
+        warmup = m.cfg.lr_warmup
+        if warmup is not None and not 0 <= warmup < m.cfg.n_train:
+            raise UserError(
+                f"member {m.name}: lr_warmup={warmup:,} tokens must be >= 0 and below n_train={m.cfg.n_train:,}, "
+                "or the learning rate never reaches its peak; lower it or leave it unset (default: min(1M, 5% of n_train))."
+            )
     run_dir = cfg.run_root / short_hash([sweep.canonical(m.cfg) for m in members])
     if (run_dir / RUN_FILE).is_file():
         done = (run_dir / "summary.json").is_file()

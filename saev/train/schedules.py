@@ -35,6 +35,19 @@ def lr_at(
     return lr * (min_frac + (1.0 - min_frac) * shape)
 
 
+DEFAULT_LR_WARMUP = 1_000_000
+"""Learning-rate warmup in tokens when none is given, capped at `DEFAULT_LR_WARMUP_FRAC` of the run."""
+DEFAULT_LR_WARMUP_FRAC = 0.05
+
+
+def lr_warmup_tokens(lr_warmup: int | None, n_train: int) -> int:
+    """The warmup a run uses: `lr_warmup` as given, or by default the smaller of 1M tokens and 5%
+    of `n_train` (a fixed 1M would leave a short run below its peak lr throughout)."""
+    if lr_warmup is not None:
+        return lr_warmup
+    return min(DEFAULT_LR_WARMUP, int(DEFAULT_LR_WARMUP_FRAC * n_train))
+
+
 def warmup_frac(tokens: int, warmup: int) -> float:
     """Multiplier on a sparsity (or KL) coefficient: linear from 0 to 1 over `warmup` tokens."""
     if warmup <= 0:
