@@ -47,8 +47,7 @@ SWEEP_TOML = """\
 # The demo's sweep: two families x two values, trained together in ONE pass over the shards.
 # Every batch is read once and fed to both stacks (topk and relu). See docs/sweep.md.
 n_train = {n_train}
-lr = 1e-3
-lr_warmup = 20_000
+lr = 1e-3           # lr_warmup defaults to 5% of n_train
 n_init_sample = 20_000
 n_eval = 0         # `saev evaluate` scores the members next
 ckpt_every = 0     # checkpoints at the end only; a real run keeps periodic ones

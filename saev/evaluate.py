@@ -238,6 +238,8 @@ def evaluate_ckpts(
                 raise UserError(
                     f"{path}: SAE d_vit={sae.d_vit} but {root} holds d_vit={shards.md.d_vit}."
                 )
+            # saev 0.1 sae.pt stores no input normalisation: re-estimate it from these shards.
+            saev.nn.calibrate_legacy_from_shards(sae, shards, layer, tokens)
         if not eval_frac:  # None (saev 0.1, no split) or 0.0 (trained with --data.eval-frac 0)
             logger.warning("%s: no held-out split recorded; scoring on all images.", root)
             imgs, split_name = np.arange(shards.n_imgs), "all"

@@ -1,11 +1,14 @@
 """`saev evaluate` on checkpoints: outputs and bad input."""
 
+import io
 import json
 
 import pytest
+import torch
 from test_train import tiny_shards
 
 from saev.__main__ import run
+from saev.shards import Shards, iter_images
 from saev.train.config import Config, DataConfig, SaeConfig
 from saev.train.main import train
 
@@ -87,3 +90,33 @@ def test_wandb_offline_needs_no_network(tmp_path, trained, monkeypatch):
     cfg = Config(**{**cfg.__dict__, "wandb": cfg.wandb.__class__(mode="offline")})
     run_dir = train(cfg)
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_saev_01_sae_is_scored_on_calibrated_inputs(tmp_path, trained):
+    """A 0.1 sae.pt "trained" on normalised activations (its decoder spans the top 6 principal
+    directions, +-each) projects centred inputs on them; evaluate must re-estimate the mean and
+    scale from the shards, which gives FVU = the variance outside those 6 directions."""
+    shards, _ = trained
+    batches = iter_images(Shards(shards), 3, batch_size=1000, tokens="patches")
+    x = torch.cat([b.reshape(-1, b.shape[-1]) for _, b in batches]).double()
+    xc = x - x.mean(0)
+    evals, evecs = torch.linalg.eigh(xc.T @ xc)
+    U = evecs[:, -6:].T.float()  # [6, d] unit rows
+    W_dec = torch.cat([U, -U])
+    state = {"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(12), "W_dec": W_dec}
+    buf = io.BytesIO()
+    torch.save({**state, "b_dec": torch.zeros(16)}, buf)
+    header = {"schema": 1, "cfg": {"d_vit": 16, "exp_factor": 0.75, "seed": 0}}
+    path = tmp_path / "sae.pt"
+    path.write_bytes((json.dumps(header) + "\n").encode() + buf.getvalue())
+    argv = ["evaluate", "--ckpt", str(path), "--data.shard-root", str(shards), "--data.layer"]
+    argv += ["3", "--data.tokens", "patches", "--data.n-tokens", "0", "--out", str(tmp_path / "o")]
+    assert run(argv) == 0
+    (doc_path,) = (tmp_path / "o").glob("*/evaluation.json")
+    doc = json.loads(doc_path.read_text())
+    expected = float(evals[:-6].sum() / evals.sum())
+    assert doc["n_tokens"] == x.shape[0] and doc["split"] == "all"
+    assert doc["fvu"] == pytest.approx(expected, rel=1e-3)
+    # Without calibration the SAE would drop the mean's part outside those directions.
+    raw = x.float() @ U.T @ U
+    assert float((raw - x.float()).pow(2).sum() / xc.pow(2).sum()) > 2.5 * expected

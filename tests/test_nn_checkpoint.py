@@ -143,3 +143,80 @@ def test_load_errors(tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="tensors do not match a topk SAE"):
         saev.nn.load(tmp_path / "a")
+
+
+def subspace_data(n=512, seed=0):
+    """Raw activations x = m + c * (z Q): centred data in a 3-dim subspace (rows of Q),
+    shifted by a mean m that lies outside it and scaled by c."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(D, 3, generator=g, dtype=torch.float64))[0].T  # [3, D]
+    z = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    m = 5.0 + torch.randn(D, generator=g, dtype=torch.float64)
+    return m + 7.0 * (z @ Q), Q
+
+
+def normalised_01(x):
+    """saev 0.1's input normalisation, by hand: x' = (x - m) / c, mean ||x'|| = sqrt(d)."""
+    m = x.mean(0)
+    c = (x - m).norm(dim=-1).mean() / D**0.5
+    return m, 1 / c
+
+
+def test_saev_01_sae_is_calibrated_from_raw_activations(tmp_path, caplog):
+    # A 0.1 ReLU SAE "trained" on normalised data from the subspace: latents +-q for each
+    # direction q, so it reconstructs any normalised input of the subspace exactly.
+    x, Q = subspace_data()
+    W_dec = torch.cat([Q, -Q]).float()  # [6, D], unit rows
+    state = {"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(6), "W_dec": W_dec}
+    state["b_dec"] = torch.zeros(D)
+    with caplog.at_level("WARNING", logger="saev.nn"):
+        sae = saev.nn.load(legacy_file(tmp_path / "sae.pt", state))
+    assert "saev 0.1 checkpoint" in caplog.text and "calibrate_legacy" in caplog.text
+    assert sae.needs_calibration
+    assert sae.cfg["input_normalisation"] == "unknown (saev 0.1: re-estimate from shards)"
+    xf = x.float()
+    # Raw activations straight in: the mean outside the subspace is lost.
+    assert (sae(xf) - xf).norm() / xf.norm() > 0.3
+
+    saev.nn.calibrate_legacy(sae, xf)
+    torch.testing.assert_close(sae(xf), xf, atol=1e-4, rtol=1e-4)
+    m, s = normalised_01(x)
+    assert sae.cfg["input_scale"] == pytest.approx(float(s), rel=1e-5)
+    assert sae.cfg["input_normalisation"]["n_tokens"] == 512 and not sae.needs_calibration
+    with pytest.raises(ValueError, match="only an uncalibrated saev 0.1 SAE"):
+        saev.nn.calibrate_legacy(sae, xf)
+    # Saved, it is an ordinary checkpoint that loads calibrated.
+    saev.nn.save(sae, 0, tmp_path / "ck")
+    again = saev.nn.load(tmp_path / "ck")
+    assert not again.needs_calibration
+    torch.testing.assert_close(again(xf), sae(xf))
+
+
+def test_calibration_folds_the_01_normalisation_exactly(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    state = {
+        "W_enc": torch.randn(D, F, generator=g),
+        "b_enc": torch.randn(F, generator=g),
+        "W_dec": torch.randn(F, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
+    x = 4.0 + 3.0 * torch.randn(300, D, generator=g, dtype=torch.float64)
+    sae = saev.nn.calibrate_legacy(saev.nn.load(legacy_file(tmp_path / "sae.pt", state)), x)
+    m, s = normalised_01(x)
+    xn = ((x - m) * s).float()  # what 0.1's data loader fed its SAE
+    f = torch.relu((xn - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+    torch.testing.assert_close(sae.encode(x.float()), f, atol=1e-4, rtol=1e-4)
+    x_hat = ((f @ state["W_dec"] + state["b_dec"]).double() / s + m).float()
+    torch.testing.assert_close(sae.decode(f), x_hat, atol=1e-4, rtol=1e-4)
+
+
+def test_calibration_needs_a_real_sample(tmp_path):
+    state = {"W_enc": torch.zeros(D, F), "b_enc": torch.zeros(F), "W_dec": torch.zeros(F, D)}
+    sae = saev.nn.load(legacy_file(tmp_path / "sae.pt", {**state, "b_dec": torch.zeros(D)}))
+    with pytest.raises(UserError, match="needs at least 2 activations of d_vit=8; got \\[1, 8\\]"):
+        saev.nn.calibrate_legacy(sae, torch.ones(1, D))
+    with pytest.raises(UserError, match="mean centred norm 0.0"):
+        saev.nn.calibrate_legacy(sae, torch.ones(5, D))
+    stack, _ = trained("relu", S=1)
+    with pytest.raises(ValueError, match="input_normalisation is None"):
+        saev.nn.calibrate_legacy(stack.member(0), torch.randn(5, D))

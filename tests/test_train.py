@@ -251,11 +251,12 @@ def test_nan_in_one_member_stops_only_it(tmp_path, shards, monkeypatch, capsys):
         assert rows[name]["eval"]["fvu"] < 0.9
 
 
-def test_single_run_from_flags(tmp_path, shards, capsys):
+def test_single_run_from_flags(tmp_path, shards, capsys, monkeypatch):
+    monkeypatch.chdir(shards.parent)  # a relative --data.shard-root
     argv = [
         "train",
         "--data.shard-root",
-        str(shards),
+        shards.name,
         "--data.layer",
         "-1",
         "--sae.family",
@@ -280,7 +281,9 @@ def test_single_run_from_flags(tmp_path, shards, capsys):
     assert run(argv) == 0
     (run_dir,) = tmp_path.iterdir()
     (member,) = (run_dir / "members").iterdir()
-    assert saev.nn.load(member).cfg["hparams"]["k"] == 4
+    cfg = saev.nn.load(member).cfg
+    assert cfg["hparams"]["k"] == 4
+    assert cfg["shard_root"] == str(shards.resolve())  # absolute: usable from anywhere
     assert "| 000-topk | ok |" in capsys.readouterr().out
 
 
@@ -294,17 +297,24 @@ def test_single_run_from_flags(tmp_path, shards, capsys):
         ),
         ([], "error: no shard directory: pass --data.shard-root DIR"),
         (
+            ["--data.shard-root", "/nonexistent"],
+            "error: /nonexistent: shard directory does not exist.",
+        ),
+        (
             ["--n-train", "1000", "--lr-warmup", "1000"],
             "error: member 000-topk: lr_warmup=1,000 tokens must be >= 0 and below n_train=1,000",
         ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, shards, capsys, argv, message):
-    if "no shard" not in message:
+    if "no shard" not in message and "--data.shard-root" not in argv:
         argv = ["--data.shard-root", str(shards), *argv]
-    assert run(["train", "--run-root", str(tmp_path), *argv]) == 2
-    err = capsys.readouterr().err.strip()
+    assert run(["train", "--run-root", str(tmp_path / "runs"), *argv]) == 2
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert err.count("\n") == 0
+    # Everything is checked before the plan is printed or the run directory created.
+    assert "run directory" not in out and not (tmp_path / "runs").exists()
     import re
 
     assert re.match(re.escape(message).replace(r"\.\*", ".*"), err), err

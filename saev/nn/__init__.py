@@ -7,8 +7,17 @@ on-disk format: docs/checkpoints.md.
 import typing
 
 import torch
+from beartype import beartype
+from jaxtyping import jaxtyped
 
-from saev.nn.checkpoint import SAE, load, save
+from saev.nn.checkpoint import (
+    LEGACY_UNKNOWN,
+    SAE,
+    calibrate_legacy,
+    calibrate_legacy_from_shards,
+    load,
+    save,
+)
 from saev.nn.families import (
     BatchTopKStack,
     GatedStack,
@@ -17,7 +26,14 @@ from saev.nn.families import (
     ReLUStack,
     TopKStack,
 )
-from saev.nn.hparams import FAMILIES, GROUP_HPARAMS, HPARAMS, check_family, check_hparams
+from saev.nn.hparams import (
+    FAMILIES,
+    GROUP_HPARAMS,
+    HPARAMS,
+    Family,
+    check_family,
+    check_hparams,
+)
 from saev.nn.optim import StackAdam
 from saev.nn.stack import Codes, Stack, StackOutput
 from saev.nn.vsae import VGatedStack, VIsoStack, VJumpReLUStack, VMixtureStack, VTopKStack
@@ -40,6 +56,7 @@ STACKS: dict[str, type[Stack]] = {
 }
 
 
+@jaxtyped(typechecker=beartype)
 def make_stack(
     family: str,
     *,
@@ -57,12 +74,16 @@ __all__ = [
     "FAMILIES",
     "GROUP_HPARAMS",
     "HPARAMS",
+    "LEGACY_UNKNOWN",
     "SAE",
     "STACKS",
     "Codes",
+    "Family",
     "Stack",
     "StackAdam",
     "StackOutput",
+    "calibrate_legacy",
+    "calibrate_legacy_from_shards",
     "check_hparams",
     "load",
     "make_stack",

@@ -8,10 +8,17 @@ stack axis). `config.json` is written last, so a directory without it is incompl
 `load` also reads reference saev 0.1 `sae.pt` files: one JSON header line, then a torch
 state dict. Those are read with `torch.load(weights_only=True)`, which refuses anything
 but tensors and plain containers; such a refusal becomes a UserError.
+
+saev 0.1 trained on normalised inputs, (x - m) / c with m the dataset mean and c chosen so
+that E||x - m|| / c = sqrt(d_vit), and did not store m or c in sae.pt. A loaded 0.1 SAE is
+therefore marked `cfg["input_normalisation"] = LEGACY_UNKNOWN` until `calibrate_legacy`
+re-estimates m and c from activations and folds them into the input scale and b_dec.
 """
 
 import io
 import json
+import logging
+import math
 import os
 import pathlib
 import pickle
@@ -19,6 +26,8 @@ import typing
 
 import safetensors.torch
 import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
 import saev
@@ -26,9 +35,15 @@ from saev import helpers
 from saev.errors import UserError
 from saev.nn.stack import Stack
 
+logger = logging.getLogger("saev.nn")
+
 SCHEMA = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "sae.safetensors"
+LEGACY_UNKNOWN = "unknown (saev 0.1: re-estimate from shards)"
+"""`cfg["input_normalisation"]` of a saev 0.1 SAE that `calibrate_legacy` has not seen yet."""
+LEGACY_SAMPLE_TOKENS = 100_000
+"""Tokens `calibrate_legacy_from_shards` reads (the first ones in image order)."""
 
 
 class SAE(nn.Module):
@@ -79,20 +94,30 @@ class SAE(nn.Module):
         self.stack.eval()
         return self
 
-    def encode(self, x: Tensor) -> Tensor:
+    @property
+    def needs_calibration(self) -> bool:
+        """True for a saev 0.1 SAE whose input normalisation is not known yet."""
+        return self.cfg.get("input_normalisation") == LEGACY_UNKNOWN
+
+    # Checked on every call: the check costs tens of microseconds, the matmuls of a
+    # [4096, 768] batch milliseconds.
+    @jaxtyped(typechecker=beartype)
+    def encode(self, x: Float[Tensor, "*batch d_vit"]) -> Float[Tensor, "*batch d_sae"]:
         """Raw [..., d_vit] -> codes [..., d_sae]."""
         lead = x.shape[:-1]
         return self.stack.encode(x.reshape(-1, x.shape[-1]))[0].reshape(*lead, self.d_sae)
 
-    def decode(self, f: Tensor) -> Tensor:
+    @jaxtyped(typechecker=beartype)
+    def decode(self, f: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_vit"]:
         """Codes [..., d_sae] -> raw reconstruction [..., d_vit]."""
         lead = f.shape[:-1]
         return self.stack.decode(f.reshape(1, -1, f.shape[-1]))[0].reshape(*lead, self.d_vit)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "*batch d_vit"]) -> Float[Tensor, "*batch d_vit"]:
         return self.decode(self.encode(x))
 
 
+@jaxtyped(typechecker=beartype)
 def save(
     stack: Stack | SAE, member_i: int, ckpt_dir: str | os.PathLike, extra: dict | None = None
 ) -> pathlib.Path:
@@ -108,15 +133,27 @@ def save(
     return ckpt_dir
 
 
+@jaxtyped(typechecker=beartype)
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """A checkpoint dir, its config.json / sae.safetensors, or a reference saev 0.1 `sae.pt`."""
+    """A checkpoint dir, its config.json / sae.safetensors, or a reference saev 0.1 `sae.pt`
+    (whose input normalisation must then be re-estimated: see `calibrate_legacy`)."""
     path = pathlib.Path(path)
-    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
-        return _load_legacy(path).to(device)
     ckpt_dir = path if path.is_dir() else path.parent
     cfg_path, weights_path = ckpt_dir / CONFIG_NAME, ckpt_dir / WEIGHTS_NAME
-    if not cfg_path.is_file() and (ckpt_dir / "sae.pt").is_file():
-        return _load_legacy(ckpt_dir / "sae.pt").to(device)
+    legacy = None
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
+        legacy = path
+    elif not cfg_path.is_file() and (ckpt_dir / "sae.pt").is_file():
+        legacy = ckpt_dir / "sae.pt"
+    if legacy is not None:
+        logger.warning(
+            "%s: a saev 0.1 checkpoint; it was trained on mean-centred, rescaled activations "
+            "whose statistics sae.pt does not store, so its codes on raw activations are wrong "
+            "until saev.nn.calibrate_legacy re-estimates them from shards (saev evaluate, "
+            "visuals and probe do this).",
+            legacy,
+        )
+        return _load_legacy(legacy).to(device)
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise UserError(
@@ -171,7 +208,8 @@ def _load_state(stack: Stack, state: dict[str, Tensor], where: pathlib.Path) -> 
 
 
 def _load_legacy(path: pathlib.Path) -> SAE:
-    """Reference saev 0.1: a JSON header line then `torch.save(state_dict)`; ReLU SAE, no scale."""
+    """Reference saev 0.1: a JSON header line then `torch.save(state_dict)`; a ReLU SAE with
+    input scale 1 and its input normalisation marked unknown (see `calibrate_legacy`)."""
     raw = path.read_bytes()
     newline = raw.find(b"\n")
     try:
@@ -210,4 +248,82 @@ def _load_legacy(path: pathlib.Path) -> SAE:
                     f"{path}: tensor {key!r} has shape {list(state[key].shape)}, inconsistent with W_enc."
                 )
             getattr(stack, key).copy_(state[key][None].float())
-    return SAE(stack, {"legacy_header": header, "source": str(path)})
+    return SAE(
+        stack,
+        {"legacy_header": header, "source": str(path), "input_normalisation": LEGACY_UNKNOWN},
+    )
+
+
+# saev 0.1 input normalisation.
+
+
+@jaxtyped(typechecker=beartype)
+def calibrate_legacy(sae: SAE, sample: Float[Tensor, "n d_vit"]) -> SAE:
+    """Re-estimate a saev 0.1 SAE's input normalisation from raw activations and fold it in.
+
+    saev 0.1 fed its SAE x' = s*(x - m), with m the sample mean and s = sqrt(d_vit) /
+    mean ||x - m|| over the sample. This stack computes x~ = s*x - b_dec and decodes
+    (f W_dec + b_dec) / s, so setting the input scale to s and b_dec <- b_dec + s*m gives
+    x~ = x' - b_dec (the 0.1 encoder input) and a decode of (x'_hat / s) + m: exactly the
+    0.1 SAE on the normalised activations, mapped back to raw units. Modifies `sae` in
+    place and returns it; `sample` should be the SAE's layer and token selection.
+    """
+    if not sae.needs_calibration:
+        raise ValueError(
+            f"calibrate_legacy: input_normalisation is {sae.cfg.get('input_normalisation')!r}; "
+            "only an uncalibrated saev 0.1 SAE can be calibrated (and only once)."
+        )
+    if sample.shape[-1] != sae.d_vit or sample.shape[0] < 2:
+        raise UserError(
+            f"saev 0.1 calibration needs at least 2 activations of d_vit={sae.d_vit}; "
+            f"got {list(sample.shape)}."
+        )
+    x = sample.detach().to(torch.float64)
+    mean = x.mean(0)
+    mean_norm = float((x - mean).norm(dim=-1).mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise UserError(
+            f"saev 0.1 calibration: the activation sample has mean centred norm {mean_norm}; "
+            "expected a finite value > 0."
+        )
+    s = math.sqrt(sae.d_vit) / mean_norm
+    stack = sae.stack
+    with torch.no_grad():
+        stack.scale.fill_(s)
+        stack.b_dec.add_((s * mean).to(stack.b_dec)[None])
+    sae.cfg["input_scale"] = float(stack.scale[0])
+    sae.cfg["input_normalisation"] = {
+        "rule": "saev 0.1: x' = s*(x - mean), s = sqrt(d_vit) / mean ||x - mean||",
+        "n_tokens": int(x.shape[0]),
+        "mean_norm": mean_norm,
+        "scale": s,
+    }
+    return sae
+
+
+def calibrate_legacy_from_shards(
+    sae: SAE, shards, layer: int, tokens: str, n_tokens: int = LEGACY_SAMPLE_TOKENS
+) -> bool:
+    """`calibrate_legacy` on the first `n_tokens` tokens (image order) of `layer` / `tokens`
+    in `shards` (a `saev.shards.Shards`), if `sae` needs it; returns whether it did."""
+    if not sae.needs_calibration:
+        return False
+    from saev.shards import iter_images
+
+    chunks, n = [], 0
+    for _, x in iter_images(shards, layer, batch_size=256, tokens=tokens):
+        x = x.reshape(-1, x.shape[-1])[: n_tokens - n]
+        chunks.append(x)
+        n += x.shape[0]
+        if n >= n_tokens:
+            break
+    calibrate_legacy(sae, torch.cat(chunks) if chunks else torch.zeros(0, sae.d_vit))
+    logger.info(
+        "%s: saev 0.1 input normalisation re-estimated on %d tokens of layer %d (%s): scale %.4g",
+        sae.cfg.get("source"),
+        n,
+        layer,
+        tokens,
+        sae.cfg["input_scale"],
+    )
+    return True

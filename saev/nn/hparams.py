@@ -11,7 +11,7 @@ import typing
 
 from saev.errors import UserError
 
-FAMILIES = (
+Family = typing.Literal[
     "relu",
     "topk",
     "batchtopk",
@@ -23,7 +23,9 @@ FAMILIES = (
     "vsae-jumprelu",
     "vsae-iso",
     "vsae-mixture",
-)
+]
+"""Every SAE family name; the one list (train's `--sae.family` choices come from it)."""
+FAMILIES: tuple[str, ...] = typing.get_args(Family)
 
 _COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
 _AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}

@@ -8,6 +8,7 @@ i uses only member i's gradients, so it equals running Adam on that SAE alone.
 import typing
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from saev.nn.stack import Stack
@@ -47,7 +48,8 @@ class StackAdam:
             p.grad = None
 
     @torch.no_grad()
-    def step(self, loss: Tensor | None = None) -> Tensor:
+    # Once per training step: annotated, not checked at run time.
+    def step(self, loss: Float[Tensor, " S"] | None = None) -> Bool[Tensor, " S"]:
         """One update of every live member; returns [S] bool of members frozen by this call."""
         stack, S = self.stack, self.stack.S
         stack.project_decoder_grad()

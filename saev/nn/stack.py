@@ -18,6 +18,8 @@ import math
 import typing
 
 import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
 from saev.errors import UserError
@@ -158,10 +160,14 @@ class Stack(nn.Module, abc.ABC):
 
     # ---- data-dependent init -------------------------------------------------------------
 
-    @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
+    @jaxtyped(typechecker=beartype)
+    def init_from_data(self, x: Float[Tensor, "n d_vit"] | Float[Tensor, "S n d_vit"]) -> None:
         """Set the input scale (E||s*x|| = sqrt(d_vit)), b_dec = geometric median of s*x, and
         the encoder gain (see `_fit_encoder_gain`)."""
+        with torch.no_grad():
+            self._init_from_data(x)
+
+    def _init_from_data(self, x: Tensor) -> None:
         x = x.to(self.W_dec.device, torch.float32)
         if x.ndim == 2:
             x = x[None].expand(self.S, *x.shape)
@@ -245,7 +251,12 @@ class Stack(nn.Module, abc.ABC):
     def _aux_loss(self, xs: Tensor, recon: Tensor, ctx: typing.Any) -> Tensor | None:
         return None
 
-    def forward(self, x: Tensor, warmup: float | Tensor = 1.0) -> StackOutput:
+    # The training hot path: annotated, not checked at run time.
+    def forward(
+        self,
+        x: Float[Tensor, "batch d_vit"] | Float[Tensor, "S batch d_vit"],
+        warmup: float | Float[Tensor, ""] | Float[Tensor, " S"] = 1.0,
+    ) -> StackOutput:
         """Run every member on `x` (raw units). `warmup` in [0, 1] scales λ and β."""
         xs = self.scaled(x)
         warm = torch.as_tensor(warmup, dtype=xs.dtype, device=xs.device).expand(self.S)
@@ -275,14 +286,16 @@ class Stack(nn.Module, abc.ABC):
 
     # ---- inference helpers --------------------------------------------------------------
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(
+        self, x: Float[Tensor, "batch d_vit"] | Float[Tensor, "S batch d_vit"]
+    ) -> Float[Tensor, "S batch d_sae"]:
         """Raw [B, d] or [S, B, d] -> dense codes [S, B, F], inference rule (no sampling)."""
         xs = self.scaled(x)
         warm = xs.new_ones(self.S)
         codes, _, _ = self._encode(xs, False, warm)
         return codes.to_dense()
 
-    def decode(self, f: Tensor) -> Tensor:
+    def decode(self, f: Float[Tensor, "S batch d_sae"]) -> Float[Tensor, "S batch d_vit"]:
         """Dense codes [S, B, F] -> raw reconstruction [S, B, d]."""
         recon = torch.baddbmm(self.b_dec[:, None, :], f.to(self.W_dec.dtype), self.W_dec)
         return recon / self.scale[:, None, None]

@@ -162,7 +162,10 @@ def load_sae(cfg: Config, shards: Shards):
         raise UserError(
             f"--layer {cfg.layer} does not match the checkpoint's layer {layer} ({cfg.ckpt})."
         )
-    return sae, md.resolve_layer(layer)
+    layer = md.resolve_layer(layer)
+    # saev 0.1 sae.pt stores no input normalisation: re-estimate it from these shards.
+    saev.nn.calibrate_legacy_from_shards(sae, shards, layer, "patches")
+    return sae, layer
 
 
 def parse_crosses(cfg: Config) -> list[tuple[str, ...]]:

@@ -11,22 +11,10 @@ import dataclasses
 import pathlib
 import typing
 
+from saev.nn import Family
 from saev.train.schedules import Decay
 
 Tokens = typing.Literal["patches", "cls", "all"]
-Family = typing.Literal[
-    "relu",
-    "topk",
-    "batchtopk",
-    "jumprelu",
-    "gated",
-    "matryoshka",
-    "vsae-topk",
-    "vsae-gated",
-    "vsae-jumprelu",
-    "vsae-iso",
-    "vsae-mixture",
-]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,7 @@ def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.
         "layer": data.layer,
         "tokens": c.tokens,
         "shards": data.shards.md.to_json(),
-        "shard_root": str(c.shard_root),
+        "shard_root": str(pathlib.Path(c.shard_root).resolve()),  # usable from any directory
         "split": {"eval_frac": c.eval_frac, "seed": c.split_seed, "n_eval_imgs": data.n_eval_imgs},
         "train": sweep.to_dict(m.cfg),
         "member": m.name,

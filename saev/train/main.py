@@ -1,8 +1,8 @@
 """`python -m saev train`: train one SAE, or a whole sweep grid in one pass over the shards.
 
-1. Expand the grid (flags, `--sweep` TOML) into members, group them into passes and stacks,
-   print the plan.
-2. Open every pass's shards first, so a bad layer or shard directory fails before training.
+1. Expand the grid (flags, `--sweep` TOML) into members and group them into passes and stacks.
+2. Open every pass's shards first, so a bad layer or shard directory fails before anything
+   is printed or written; then create the run directory and print the plan.
 3. Train pass by pass (`saev.train.loop`), checkpointing every member periodically.
 4. Score every member on the eval split with `saev.evaluate` (the same code as
    `saev evaluate`), write `eval/`, `summary.json` and `summary.md`, and print the table.
@@ -35,9 +35,10 @@ def train(cfg: Config) -> pathlib.Path:
     """Train what `cfg` describes; returns the run directory."""
     run_dir, members, saved = prepare(cfg)
     passes = sweep.group(members)
+    datas = [open_pass(p) for p in passes]  # a bad shard directory or layer fails here
+    run_dir.mkdir(parents=True, exist_ok=True)
     print(sweep.plan_text(passes))
     print(f"run directory: {run_dir}")
-    datas = [open_pass(p) for p in passes]
     d_vits = {str(p.index): d.shards.md.d_vit for p, d in zip(passes, datas, strict=True)}
     if saved is not None:
         for key, d_vit in d_vits.items():
@@ -87,7 +88,8 @@ def run_cfg(cfg: Config, p: sweep.Pass) -> Config:
 
 
 def prepare(cfg: Config) -> tuple[pathlib.Path, list[sweep.Member], dict | None]:
-    """The run directory and its members: a new run, or the saved one for --resume."""
+    """The run directory (not created yet) and its members: a new run, or the saved one
+    for --resume."""
     if cfg.resume is not None:
         run_dir = pathlib.Path(cfg.resume)
         path = run_dir / RUN_FILE
@@ -126,7 +128,6 @@ def prepare(cfg: Config) -> tuple[pathlib.Path, list[sweep.Member], dict | None]
             f"{run_dir} already holds {'a finished' if done else 'an unfinished'} run of this "
             f"config; {'see its summary.json, or ' if done else ''}continue it with --resume {run_dir}."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, members, None
 
 

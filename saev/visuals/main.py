@@ -81,6 +81,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    import saev.nn
     from saev.shards import Shards
 
     t0 = time.perf_counter()
@@ -98,6 +99,8 @@ def main(cfg: Config) -> None:
         raise UserError(f"--data.shard-root {shard_root}: no such shard directory.")
     shards = Shards(shard_root)
     layer = check_compatible(sae, shards, cfg.layer, cfg.ckpt)
+    # saev 0.1 sae.pt stores no input normalisation: re-estimate it from these shards.
+    saev.nn.calibrate_legacy_from_shards(sae, shards, layer, "patches")
     device = resolve_device(cfg.device)
     sae = sae.to(device).eval()
     image_root = _image_root(cfg.images.root, shards)
