@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import signal
 
 import numpy as np
 import pytest
@@ -363,3 +364,34 @@ def test_default_lr_warmup_fits_short_runs():
     warmup = lr_warmup_tokens(None, 200_000)
     peak = max(lr_at(t, lr=4e-4, warmup=warmup, n_train=200_000) for t in range(0, 200_000, 2048))
     assert peak == pytest.approx(4e-4, rel=0.01)
+
+
+def test_ctrl_c_saves_state_at_a_step_boundary_and_resume_is_exact(tmp_path, shards, monkeypatch):
+    whole = train(sweep_cfg(tmp_path / "a", shards, RESUME))
+
+    calls = {"n": 0}
+    orig = saev.nn.StackAdam.step
+
+    def step_then_ctrl_c(self, loss=None):
+        calls["n"] += 1
+        out = orig(self, loss)
+        if calls["n"] == 2 * 7 - 1:  # during step 7, between the two groups' updates
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(saev.nn.StackAdam, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(sweep_cfg(tmp_path / "b", shards, RESUME))
+    monkeypatch.setattr(saev.nn.StackAdam, "step", orig)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    killed = tmp_path / "b" / "runs" / whole.name
+    # Both groups finished step 7 before the state was saved (the periodic ones are at 6, 12).
+    cfg = json.loads((killed / "members" / "000-batchtopk" / "config.json").read_text())
+    assert cfg["step"] == 7
+
+    train(Config(resume=killed, device="cpu"))
+    for name in ("000-batchtopk", "001-jumprelu"):
+        a = load_file(whole / "members" / name / "sae.safetensors")
+        b = load_file(killed / "members" / name / "sae.safetensors")
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import pathlib
+import signal
+import threading
 import time
 import typing
 
@@ -167,6 +169,7 @@ def train_pass(
     t0, steps_timed = time.perf_counter(), 0
     best: tuple[float, float] | None = None
     batches = data.loader.batches(start=step * B)
+    interrupt = Interrupt()
     try:
         for x in batches:
             x = x.to(device, non_blocking=True)
@@ -237,9 +240,16 @@ def train_pass(
                 best = None
             if step >= n_steps:
                 break
-            if step % ckpt_steps == 0:
+            if step % ckpt_steps == 0 or interrupt.asked:
                 checkpoint(final=False)
+            if interrupt.asked:
+                tqdm.write(
+                    f"interrupted: state saved at step {step:,}; continue with "
+                    f"`python -m saev train --resume {run_dir}`."
+                )
+                raise KeyboardInterrupt
     finally:
+        interrupt.restore()
         batches.close()
         bar.close()
         for gl in logs:
@@ -247,6 +257,35 @@ def train_pass(
                 log.close()
     checkpoint(final=True)
     return status
+
+
+class Interrupt:
+    """Turn Ctrl-C (SIGINT) into a flag the loop checks between steps.
+
+    Stopping mid-step could leave one stack updated and another not; the loop instead finishes
+    the step, saves the resume state, and then raises KeyboardInterrupt, so `--resume` goes on
+    exactly as an uninterrupted run would. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self):
+        self.asked = False
+        self.previous = None
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        tqdm.write(
+            "Ctrl-C: finishing this step and saving the resume state (Ctrl-C again to stop now)."
+        )
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 @torch.no_grad()
