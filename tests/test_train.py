@@ -380,10 +380,15 @@ def test_ctrl_c_saves_state_at_a_step_boundary_and_resume_is_exact(tmp_path, sha
         return out
 
     monkeypatch.setattr(saev.nn.StackAdam, "step", step_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train(sweep_cfg(tmp_path / "b", shards, RESUME))
+    # As in a terminal (CI may start us with SIGINT ignored, which training then respects).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(sweep_cfg(tmp_path / "b", shards, RESUME))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     monkeypatch.setattr(saev.nn.StackAdam, "step", orig)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     killed = tmp_path / "b" / "runs" / whole.name
     # Both groups finished step 7 before the state was saved (the periodic ones are at 6, 12).
     cfg = json.loads((killed / "members" / "000-batchtopk" / "config.json").read_text())

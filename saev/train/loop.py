@@ -270,8 +270,12 @@ class Interrupt:
     def __init__(self):
         self.asked = False
         self.previous = None
-        # Signal handlers can only be installed from the main thread.
-        if threading.current_thread() is threading.main_thread():
+        # Signal handlers can only be installed from the main thread, and a process started
+        # with SIGINT ignored (nohup, some schedulers) keeps ignoring it.
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        ):
             self.previous = signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame) -> None:
