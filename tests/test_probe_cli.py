@@ -17,7 +17,11 @@ SHAPES = ("circle", "square")
 
 
 def make_shards(
-    root: pathlib.Path, n: int = 300, seed: int = 0, labels: dict | None = None
+    root: pathlib.Path,
+    n: int = 300,
+    seed: int = 0,
+    labels: dict | None = None,
+    cls_token: bool = True,
 ) -> Metadata:
     """Shards whose `colour` adds +4 along dim 0/1/2 and `shape` adds +-3 along dim 3 of
     every token; `noise` is drawn independently of the activations."""
@@ -31,13 +35,13 @@ def make_shards(
         layers=[2, 5],
         n_blocks=6,
         n_patches_per_img=N_PATCHES,
-        cls_token=True,
+        cls_token=cls_token,
         d_vit=D_VIT,
         n_imgs=n,
         n_imgs_per_shard=64,
         pretrained=False,
     )
-    acts = rng.normal(size=(n, 2, N_PATCHES + 1, D_VIT)).astype(np.float32)
+    acts = rng.normal(size=(n, 2, N_PATCHES + int(cls_token), D_VIT)).astype(np.float32)
     acts[np.arange(n), :, :, colour] += 4.0
     acts[:, :, :, 3] += np.where(shape == 1, 3.0, -3.0)[:, None, None]
     with ShardWriter(root, md) as w:
@@ -59,7 +63,9 @@ def make_shards(
     return md
 
 
-def make_ckpt(path: pathlib.Path, md: Metadata, layer: int = 5, d_vit: int = D_VIT) -> pathlib.Path:
+def make_ckpt(
+    path: pathlib.Path, md: Metadata, layer: int = 5, d_vit: int = D_VIT, tokens: str = "patches"
+) -> pathlib.Path:
     """A ReLU SAE whose latent 0 reads dim 0 (red) and latent 1 reads dim 3 (shape); every
     other latent reads only the noise dims 4.."""
     stack = saev.nn.make_stack("relu", d_vit=d_vit, d_sae=D_SAE, members=[{}])
@@ -73,7 +79,7 @@ def make_ckpt(path: pathlib.Path, md: Metadata, layer: int = 5, d_vit: int = D_V
         stack.b_enc[0] = 0.0
         stack.b_enc[0, 0] = -1.0
         stack.b_dec.zero_()
-    extra = {"layer": layer, "tokens": "patches", "shards": md.to_json()}
+    extra = {"layer": layer, "tokens": tokens, "shards": md.to_json()}
     return saev.nn.save(stack, 0, path, extra)
 
 
@@ -155,18 +161,53 @@ def test_sae_probe_finds_the_planted_latent(shards, tmp_path):
         assert rows[0]["latents"] == [1]
         assert rows[0]["sufficiency_accuracy"] >= 0.9
         assert rows[0]["refit_accuracy"] <= 0.7
-        assert rows[0]["zeroed_drop"] >= 0.2
+        assert rows[0]["mean_ablation_drop"] >= 0.2 and rows[0]["zero_ablation_drop"] >= 0.2
         assert doc["probes"][pool]["shape"]["accuracy"] >= 0.9
+        # Targeted ablation: shape's latent matters to the shape probe, not to colour's.
+        tpp = doc["tpp"][pool]
+        assert tpp["attributes"] == ["colour", "shape"]
+        k1 = tpp["rows"][0]
+        assert k1["k"] == 1 and [r["k"] for r in tpp["rows"]] == [1, D_SAE]
+        for kind in ("zero", "mean"):
+            drop = np.array(k1[kind]["drop"])
+            assert drop[1, 1] >= 0.2 and abs(drop[1, 0]) <= 0.05 and abs(drop[0, 1]) <= 0.05
+            assert k1[kind]["tpp"] >= 0.1
     assert doc["visuals"] == "../visuals"
     page = (out / "report.html").read_text()
     assert 'href="../visuals/latents/1.html"' in page
-    assert (out / "ablation_shape.png").is_file()
+    assert "mean-ablation" in page and "zero-ablation" in page and "TPP" in page
+    assert (out / "ablation_shape.png").is_file() and (out / "tpp_sae-max.png").is_file()
+    assert doc["sae"]["pooled_over"] == "patches"
     inter = doc["intersections"][0]
     assert inter["cross"] == ["colour", "shape"]
     assert set(inter["accuracy"]["colour"]) == {"raw-cls", "sae-max"}
     assert len(inter["departures"]) == 6
+    assert inter["departure_fit"]["model"] == "fires ~ colour + shape"
     cells = inter["accuracy"]["shape"]["sae-max"]
     assert sum(c["n"] for c in cells["cells"]) == doc["split"]["n_test"]
+
+
+def test_all_token_sae_codes_are_pooled_over_the_patches(shards, tmp_path):
+    root, md = shards
+    ckpt = make_ckpt(tmp_path / "ckpt", md, tokens="all")
+    out = tmp_path / "out"
+    argv = ["probe", "--data.shard-root", str(root), "--ckpt", str(ckpt), "--top-k", "1"]
+    argv += ["--attributes", "shape", "--out", str(out), "--raw-token", "mean"]
+    argv += ["--lams", "0.01", "--max-iter", "30"]
+    assert run(argv) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["sae"] == {"d_sae": D_SAE, "tokens": "all", "pooled_over": "patches"}
+    assert (
+        "trained on all tokens; codes pooled over the patch tokens"
+        in (out / "report.html").read_text()
+    )
+    acts = np.fromfile(root / "acts000000.bin", dtype=np.float32).reshape(64, 2, 5, D_VIT)
+    with torch.no_grad():
+        codes = saev.nn.load(ckpt).encode(torch.from_numpy(acts[:, 1].reshape(-1, D_VIT)))
+    codes = codes.reshape(64, 5, D_SAE).numpy()
+    mean, peak = np.load(out / "reps" / "sae-mean.npy"), np.load(out / "reps" / "sae-max.npy")
+    np.testing.assert_allclose(mean[:64], codes[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(peak[:64], codes[:, 1:].max(1), rtol=1e-5, atol=1e-6)
 
 
 def test_official_split_from_train_and_val_paths(tmp_path):
@@ -251,6 +292,38 @@ def test_checkpoint_layer_mismatch(shards, tmp_path, capsys):
     assert "trained on layer 3" in err and "recorded layers [2, 5]" in err
 
 
+def test_cls_token_asked_of_a_vit_without_one_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "shards"
+    make_shards(root, n=60, cls_token=False)
+    out = tmp_path / "out"
+    argv = ["probe", "--data.shard-root", str(root), "--attributes", "colour", "--out", str(out)]
+    err = error_of(argv, capsys)
+    assert "--raw-token cls asked, but this ViT has no CLS token" in err
+    assert "--raw-token mean" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lams"], "--lams []: expected one or more L2 strengths > 0."),
+        (["--lams", "0.1", "0"], "--lams [0.1, 0.0]: expected one or more L2 strengths > 0."),
+        (["--max-iter", "0"], "--max-iter 0: expected whole numbers >= 1."),
+        (["--batch-size", "0"], "--batch-size 0: expected whole numbers >= 1."),
+        (["--top-k", "5", "0"], "--top-k 5 0: expected whole numbers >= 1."),
+        (["--top-latents", "0"], "--top-latents 0: expected whole numbers >= 1."),
+        (["--min-cell-images", "-1"], "--min-cell-images -1: expected whole numbers >= 1."),
+        (["--val-frac", "1"], "--val-frac 1.0; expected a fraction in (0, 1)."),
+    ],
+)
+def test_unusable_flag_values_write_nothing(shards, tmp_path, capsys, flags, message):
+    root, _ = shards
+    out = tmp_path / "out"
+    argv = ["probe", "--data.shard-root", str(root), "--attributes", "colour", "--out", str(out)]
+    assert error_of([*argv, *flags], capsys) == f"error: {message}"
+    assert not out.exists()
+
+
 def test_unrecorded_layer_for_raw_probe(shards, tmp_path, capsys):
     root, _ = shards
     argv = ["probe", "--data.shard-root", str(root), "--attributes", "colour", "--layer", "4"]
@@ -273,7 +346,14 @@ def test_report_renders_without_console_errors(shards, tmp_path, page):
     page.wait_for_load_state("load")
     assert page.errors == []
     assert page.title() == "saev probe report"
-    assert page.locator("h2").all_inner_texts()[:3] == ["Attributes", "Probes", "Latent alignment"]
+    assert page.locator("h2").all_inner_texts() == [
+        "Attributes",
+        "Probes",
+        "Latent alignment",
+        "Ablations of the top aligned latents",
+        "Targeted ablation (TPP)",
+        "Intersectional cells",
+    ]
     # Every plot loaded (naturalWidth is 0 for a broken image).
     widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
     assert len(widths) >= 4 and min(widths) > 0

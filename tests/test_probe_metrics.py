@@ -111,14 +111,18 @@ def test_fit_ignores_rows_labelled_minus_one():
     torch.testing.assert_close(a.logits(x), b.logits(x), atol=1e-5, rtol=1e-5)
 
 
-def test_zeroed_probe_equals_mean_replacement():
+def test_mean_and_zero_ablation_replace_the_features_by_constants():
     rng = np.random.default_rng(5)
     x = torch.tensor(rng.normal(size=(80, 4)) + 3)
     y = torch.tensor(rng.integers(0, 3, size=80))
     probe = fit.fit(x, y, 3, 1e-2)
-    x_mean = x.clone()
-    x_mean[:, 1] = x[:, 1].mean()
-    torch.testing.assert_close(probe.zeroed([1]).logits(x), probe.logits(x_mean))
+    x_mean, x_zero = x.clone(), x.clone()
+    x_mean[:, [1, 3]] = x[:, [1, 3]].mean(0)
+    x_zero[:, [1, 3]] = 0
+    torch.testing.assert_close(probe.mean_ablated([1, 3]).logits(x), probe.logits(x_mean))
+    torch.testing.assert_close(probe.zero_ablated([1, 3]).logits(x), probe.logits(x_zero))
+    # The features sit near 3, not 0: the two ablations differ.
+    assert not torch.allclose(probe.zero_ablated([1]).logits(x), probe.mean_ablated([1]).logits(x))
 
 
 def test_scores_by_hand():
@@ -160,13 +164,68 @@ def test_necessity_and_sufficiency_on_a_toy_probe():
     # One copy gone: the refit probe recovers from the other, so only the refit is unhurt.
     assert k1["refit_accuracy"] > 0.95
     assert k1["sufficiency_accuracy"] > 0.95
-    # Both copies gone: nothing left, zeroed or refit; the two alone are enough.
-    assert abs(k2["zeroed_accuracy"] - 0.5) < 0.15 and abs(k2["refit_accuracy"] - 0.5) < 0.15
-    assert k2["zeroed_drop"] == pytest.approx(base - k2["zeroed_accuracy"])
+    # Both copies gone: nothing left, ablated or refit; the two alone are enough.
+    for key in ("mean_ablation", "zero_ablation", "refit"):
+        assert abs(k2[f"{key}_accuracy"] - 0.5) < 0.15, key
+        assert k2[f"{key}_drop"] == pytest.approx(base - k2[f"{key}_accuracy"])
     assert k2["sufficiency_accuracy"] > 0.95
-    # Zeroing all eight leaves a constant predictor: the accuracy of one class.
+    # Ablating all eight leaves a constant predictor: the accuracy of one class.
     majority = [pytest.approx(np.mean(y[rows] == c)) for c in (0, 1)]
-    assert k8["zeroed_accuracy"] in majority
+    assert k8["mean_ablation_accuracy"] in majority and k8["zero_ablation_accuracy"] in majority
+    # The features are centred: zero- and mean-ablation nearly agree.
+    assert k1["zero_ablation_accuracy"] == pytest.approx(k1["mean_ablation_accuracy"], abs=0.05)
+
+
+def planted(n=900, seed=0):
+    """Three independent attributes (3, 2 and 4 classes) and 20 sparse non-negative latents:
+    latents 0-2 fire on A's classes, 3-4 on B's, 5-8 on C's, 9-19 are noise."""
+    rng = np.random.default_rng(seed)
+    ys = {"A": rng.integers(0, 3, n), "B": rng.integers(0, 2, n), "C": rng.integers(0, 4, n)}
+    x = np.maximum(rng.normal(-0.5, 1.0, size=(n, 20)), 0)
+    for first, y in zip((0, 3, 5), ys.values(), strict=True):
+        x[np.arange(n), first + y] += 2 + rng.exponential(size=n)
+    test = np.arange(n) % 4 == 0
+    return torch.tensor(x, dtype=torch.float32), ys, test
+
+
+def test_tpp_diagonal_drops_exceed_off_diagonal_when_latents_are_planted_per_attribute():
+    x, ys, test = planted()
+    probes, tests, rankings = {}, {}, {}
+    for a, y in ys.items():
+        y_train = torch.tensor(np.where(test, -1, y))
+        probes[a] = fit.fit(x, y_train, int(y.max()) + 1, 1e-3)
+        rows = np.flatnonzero(test)
+        tests[a] = (rows, y[rows])
+        train = np.flatnonzero(~test)
+        al = align.align(x, torch.tensor(y[train]), int(y.max()) + 1, rows=torch.tensor(train))
+        rankings[a] = al.ranking()
+    assert set(rankings["A"][:3]) == {0, 1, 2} and set(rankings["B"][:2]) == {3, 4}
+    out = ablate.tpp(x, probes, tests, rankings, [1, 2, 4, 50])
+    assert out["attributes"] == ["A", "B", "C"] and [r["k"] for r in out["rows"]] == [1, 2, 4, 20]
+    by_k = {r["k"]: r for r in out["rows"]}
+    off = ~np.eye(3, dtype=bool)
+    for kind in ("zero", "mean"):
+        drop = np.array(by_k[2][kind]["drop"])
+        # Each attribute's own latents hurt its probe; the others' leave it as it was.
+        assert np.diag(drop).min() > 0.2, drop
+        assert np.abs(drop[off]).max() < 0.03, drop
+        tpp = by_k[2][kind]["tpp"]
+        assert tpp == pytest.approx(np.diag(drop).mean() - drop[off].mean()) and tpp > 0.2
+        assert tpp > by_k[1][kind]["tpp"] > 0
+        # Past the planted latents, k reaches into the other attributes' latents; with all of
+        # them ablated every probe is at its constant prediction whatever was targeted: TPP 0.
+        assert by_k[4][kind]["off_diagonal"] > by_k[2][kind]["off_diagonal"]
+        assert by_k[20][kind]["tpp"] == pytest.approx(0.0, abs=1e-12)
+    # Each entry is the probe's accuracy drop under that ablation, computed the slow way.
+    rows, y_b = tests["C"]
+    base = (probes["C"].predict(x, torch.tensor(rows)).numpy() == y_b).mean()
+    ablated = probes["C"].zero_ablated(rankings["A"][:2])
+    acc = (ablated.predict(x, torch.tensor(rows)).numpy() == y_b).mean()
+    assert by_k[2]["zero"]["drop"][0][2] == pytest.approx(base - acc)
+    ablated = probes["A"].mean_ablated(rankings["A"][:2])
+    acc = (ablated.predict(x, torch.tensor(rows)).numpy() == tests["A"][1]).mean()
+    base = (probes["A"].predict(x, torch.tensor(rows)).numpy() == tests["A"][1]).mean()
+    assert by_k[2]["mean"]["drop"][0][0] == pytest.approx(base - acc)
 
 
 def test_clip_ks():
@@ -220,7 +279,9 @@ def test_departures_find_the_interaction_latent():
     fires[(a == "a0") == (b == "b0"), 0] = True
     fires[a == "a1", 1] = True
     fires[(a == "a1") & (b == "b1"), 2] = True
-    out = intersect.departures(torch.tensor(fires), {"A": a, "B": b}, ("A", "B"), min_n=30, top=4)
+    out = intersect.departures(
+        torch.tensor(fires), {"A": a, "B": b}, ("A", "B"), min_n=30, top=4
+    ).cells
     assert [tuple(c["cell"].values()) for c in out] == [
         ("a0", "b0"),
         ("a0", "b1"),
@@ -235,7 +296,8 @@ def test_departures_find_the_interaction_latent():
         for r in c["latents"][1:]:
             assert r["z"] == pytest.approx(0.0, abs=1e-9)
             assert r["diff"] == pytest.approx(0.0, abs=1e-12)
-    assert intersect.departures(torch.tensor(fires), {"A": a, "B": b}, ("A", "B"), min_n=51) == []
+    none = intersect.departures(torch.tensor(fires), {"A": a, "B": b}, ("A", "B"), min_n=51)
+    assert none.cells == []
 
 
 def test_departure_formula_by_hand():
@@ -251,7 +313,7 @@ def test_departure_formula_by_hand():
         ("a1", "b1"): 20,
     }.items():
         fires[np.flatnonzero((a == aa) & (b == bb))[:k], 0] = True
-    out = intersect.departures(torch.tensor(fires), {"A": a, "B": b}, ("A", "B"), min_n=1)
+    out = intersect.departures(torch.tensor(fires), {"A": a, "B": b}, ("A", "B"), min_n=1).cells
     z = {tuple(c["cell"].values()): c["latents"][0] for c in out}
     se = np.sqrt(0.375 * 0.625 / 40)
     assert z[("a0", "b0")]["expected"] == pytest.approx(0.375)

@@ -1,11 +1,26 @@
-"""Ablations of the top aligned latents: are they necessary, are they sufficient?
+"""Ablations of the top aligned latents: are they necessary, are they sufficient, and are they
+specific to their attribute?
 
-For each k (clipped to the number of latents), with S = the k most aligned latents:
-- necessity, zeroed: accuracy of the fitted probe with the weights of S set to 0 (in
-  standardised units: S replaced by their training means), and its drop from the full probe;
-- necessity, refit: accuracy of a probe refit without S (same L2 strength as the full probe,
-  warm-started from it), and its drop;
-- sufficiency: accuracy of a probe on S alone (L2 strength chosen on the validation fold).
+For each k (clipped to the number of latents), with S = the k most aligned latents of an
+attribute, its fitted probe is scored on the held-out images with:
+- necessity, mean-ablation: S replaced by their training means (the probe's standardised
+  weights of S set to 0): S carry no information and shift no logit; and its accuracy drop;
+- necessity, zero-ablation: S set to 0, what the SAE literature calls ablating a latent. It
+  also moves every logit by the probe's response to S at 0, which for a latent that fires on
+  most images is far from its mean; and its drop;
+- necessity, refit: a probe refit without S (same L2 strength as the full probe, warm-started
+  from it), and its drop: whether the rest of the dictionary carries the same information;
+- sufficiency: a probe on S alone (L2 strength chosen on the validation fold).
+
+Targeted probe perturbation (TPP, SAEBench; Karvonen et al. 2025): ablating attribute A's top
+k latents should hurt the probe of A and no other. drop[A, B] is the accuracy drop of B's
+probe when A's top k latents are ablated, and
+
+    TPP(k) = mean_A drop[A, A] - mean_{A != B} drop[A, B],
+
+for zero-ablation (SAEBench's) and for mean-ablation. Both ablations replace S by constants,
+so the ablated logits are the full ones minus (x_S - c_S) W_S: k columns per probe, never
+the whole matrix again.
 """
 
 import numpy as np
@@ -35,7 +50,7 @@ def ablate(
     max_iter: int = 200,
     desc: str = "ablations",
 ) -> list[dict]:
-    """One row per k: the latents ablated and the three accuracies of the module doc.
+    """One row per k: the latents ablated and the accuracies of the module doc.
 
     `y_train` is the label of every row of `x` with -1 outside the train split; `test_rows`
     and `y_test` are the held-out rows and their labels; `ranking` orders the latents, most
@@ -53,11 +68,11 @@ def ablate(
     out = []
     for k in tqdm(clip_ks(ks, d), desc=desc, unit="k"):
         idx = np.asarray(ranking[:k], dtype=np.int64)
-        zeroed = probe.zeroed(idx)
+        mean_ablated = probe.mean_ablated(idx)
         keep = torch.ones(d, dtype=torch.bool, device=x.device)
         keep[torch.as_tensor(idx, device=x.device)] = False
         refit = fitting.fit(
-            x, y_train, n_classes, probe.lam, keep=keep, init=zeroed, max_iter=max_iter
+            x, y_train, n_classes, probe.lam, keep=keep, init=mean_ablated, max_iter=max_iter
         )
         alone, _ = fitting.fit_cv(
             x[:, torch.as_tensor(idx, device=x.device)].contiguous(),
@@ -68,17 +83,74 @@ def ablate(
             seed=seed,
             max_iter=max_iter,
         )
-        zeroed_acc = acc(zeroed, x)
+        mean_acc = acc(mean_ablated, x)
+        zero_acc = acc(probe.zero_ablated(idx), x)
         refit_acc = acc(refit, x)
         out.append(
             {
                 "k": k,
                 "latents": idx.tolist(),
-                "zeroed_accuracy": zeroed_acc,
-                "zeroed_drop": base - zeroed_acc,
+                "mean_ablation_accuracy": mean_acc,
+                "mean_ablation_drop": base - mean_acc,
+                "zero_ablation_accuracy": zero_acc,
+                "zero_ablation_drop": base - zero_acc,
                 "refit_accuracy": refit_acc,
                 "refit_drop": base - refit_acc,
                 "sufficiency_accuracy": acc(alone, x[:, torch.as_tensor(idx, device=x.device)]),
             }
         )
     return out
+
+
+ABLATIONS = ("zero", "mean")
+"""TPP's ablations: zero-ablation (SAEBench's) and mean-ablation."""
+
+
+def tpp(
+    x: torch.Tensor,
+    probes: dict[str, fitting.Probe],
+    tests: dict[str, tuple[np.ndarray, np.ndarray]],
+    rankings: dict[str, np.ndarray],
+    ks,
+) -> dict:
+    """The drop matrices and TPP scores of the module doc, for each k.
+
+    `probes`, `tests` (held-out rows and their labels) and `rankings` (latents, most aligned
+    first) are keyed by attribute, two or more. Rows of each drop matrix are the ablated
+    attribute, columns the probed one, in the order of `probes`."""
+    attrs = list(probes)
+    dev = x.device
+    parts = {}
+    for b in attrs:
+        rows, y = tests[b]
+        rows_t = torch.as_tensor(rows, device=dev)
+        w, _ = probes[b].effective()
+        logits = probes[b].logits(x, rows_t)
+        y_t = torch.as_tensor(y, device=dev)
+        base = (logits.argmax(1) == y_t).double().mean().item()
+        parts[b] = (rows_t, w, logits, y_t, base)
+    out = []
+    for k in clip_ks(ks, x.shape[1]):
+        drops = {kind: np.zeros((len(attrs), len(attrs))) for kind in ABLATIONS}
+        for i, a in enumerate(attrs):
+            idx = torch.as_tensor(np.asarray(rankings[a][:k], dtype=np.int64), device=dev)
+            for j, b in enumerate(attrs):
+                rows_t, w, logits, y_t, base = parts[b]
+                xs = x[rows_t[:, None], idx[None, :]]  # [n_test, k]
+                constants = {"zero": 0.0, "mean": probes[b].mean[idx]}
+                for kind, c in constants.items():
+                    ablated = logits - (xs - c) @ w[idx]
+                    acc = (ablated.argmax(1) == y_t).double().mean().item()
+                    drops[kind][i, j] = base - acc
+        row: dict = {"k": k}
+        for kind, m in drops.items():
+            diag = float(np.mean(np.diag(m)))
+            off = float(m[~np.eye(len(attrs), dtype=bool)].mean())
+            row[kind] = {
+                "drop": m.tolist(),
+                "diagonal": diag,
+                "off_diagonal": off,
+                "tpp": diag - off,
+            }
+        out.append(row)
+    return {"attributes": attrs, "ablations": list(ABLATIONS), "rows": out}

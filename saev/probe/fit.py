@@ -61,15 +61,20 @@ class Probe:
     def predict(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(x, rows).argmax(1)
 
-    def zeroed(self, features) -> "Probe":
-        """This probe with the weights of `features` set to 0.
-
-        In standardised units that replaces those features by their training mean: they
-        carry no information and shift no logit.
-        """
+    def mean_ablated(self, features) -> "Probe":
+        """This probe with `features` replaced by their training means: their standardised
+        weights set to 0, so they carry no information and shift no logit (mean-ablation)."""
         weight = self.weight.clone()
         weight[torch.as_tensor(features, dtype=torch.long, device=weight.device)] = 0
         return dataclasses.replace(self, weight=weight)
+
+    def zero_ablated(self, features) -> "Probe":
+        """This probe with `features` set to 0 (zero-ablation, what the SAE literature means by
+        ablating a latent): their weights set to 0 and the bias moved by what a 0 in those
+        features adds to the logits, ((0 - mean) / scale) W."""
+        idx = torch.as_tensor(features, dtype=torch.long, device=self.weight.device)
+        shift = (-self.mean[idx] / self.scale[idx]) @ self.weight[idx]
+        return dataclasses.replace(self.mean_ablated(idx), bias=self.bias + shift)
 
 
 def standardise_stats(

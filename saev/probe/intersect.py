@@ -1,26 +1,28 @@
-"""Intersectional cells: per-cell probe accuracy, and latents whose firing departs from the
-marginals.
+"""Intersectional cells: per-cell probe accuracy, and latents whose firing departs from what
+the attributes predict without interaction.
 
 A *cross* is a tuple of attributes (e.g. gender, race); its *cells* are the combinations of
 their values seen among images that have all of them. Cells with fewer than `min_n` images
 are listed with their n but take no part in worst-group accuracy or the best-worst gap.
 
-Firing-rate departure (docs/probe.md). For latent i, with p_i its firing rate over the images
-of the cross, p_i(A_j = a) its rate among images whose attribute A_j is a, and q_i(c) its rate
-in cell c = (a_1, ..., a_m) of n_c images, the marginals predict (no interaction, each
-attribute multiplying the rate by its own lift):
+Firing-rate departure (docs/probe.md). For latent i and cell c of n_c images, q_i(c) is the
+fraction of them on which it fires and qhat_i(c) the rate of the no-interaction model
+`fires ~ A_1 + ... + A_m` fitted to the joint attribute table (`nointeraction`), so a latent
+that follows one attribute is fully predicted however the attributes are confounded in the
+images. The departure is the Pearson residual of the cell's firing count
 
-    qhat_i(c) = clip(p_i * prod_j p_i(A_j = a_j) / p_i, 0, 1)       (0 when p_i = 0)
+    z_i(c) = (n_c q_i(c) - n_c qhat_i(c)) / sqrt(n_c qt (1 - qt)),  qt = clip(qhat_i(c), 1/(2 n_c), 1 - 1/(2 n_c))
 
-and the departure is the binomial z-score
-
-    z_i(c) = (q_i(c) - qhat_i(c)) / sqrt(qt (1 - qt) / n_c),  qt = clip(qhat_i(c), 1/(2 n_c), 1 - 1/(2 n_c)).
-
-Per cell the latents with the largest |z| are reported, with q, qhat, q - qhat and z.
+(the clip keeps a cell fitted at exactly 0 or 1 finite). Per cell the latents with the
+largest |z| are reported, with q, qhat, q - qhat and z.
 """
+
+import typing
 
 import numpy as np
 import torch
+
+from saev.probe import nointeraction
 
 MIN_CELL = 30
 """Default minimum number of images for a cell to count."""
@@ -96,6 +98,13 @@ def cell_accuracy(
     return out
 
 
+class Departures(typing.NamedTuple):
+    cells: list[dict]
+    """Per cell with >= min_n images: cell, n, and its top latents by |z|."""
+    fit: dict
+    """How the no-interaction model was fitted: model, sweeps, boundary and unconverged latents."""
+
+
 def departures(
     fires: torch.Tensor,
     labels: dict[str, np.ndarray],
@@ -103,43 +112,40 @@ def departures(
     *,
     min_n: int = MIN_CELL,
     top: int = 10,
-    chunk: int = 8192,
-) -> list[dict]:
+    chunk: int = 4096,
+) -> Departures:
     """For each cell with >= min_n images, the `top` latents by |z| (see module doc).
 
     `fires` is a bool `[n_images, d]` matrix (latent > 0 on the image)."""
     keys, ids = cell_ids(labels, cross)
     rows = np.flatnonzero(ids >= 0)
+    fit = {"model": "fires ~ " + " + ".join(cross), "sweeps": 0, "boundary": 0, "unconverged": 0}
     if len(rows) == 0:
-        return []
+        return Departures([], fit)
     dev = fires.device
     rows_t = torch.as_tensor(rows, device=dev)
     cell_oh = torch.nn.functional.one_hot(torch.as_tensor(ids[rows], device=dev), len(keys))
-    cell_oh = cell_oh.to(torch.float64)
-    n_cell = cell_oh.sum(0)  # [K]
-    # For each attribute of the cross, the value index of each cell and a one-hot of images.
-    attr_oh, cell_val = [], []
+    # Counts are sums of 0/1 in float32: exact below 2**24 images per cell, at half the
+    # memory of float64 for the [n_images, chunk] block.
+    cell_oh = cell_oh.to(torch.float32)
+    n_cell = cell_oh.sum(0).to(torch.float64)  # [K]
+    # Each attribute's value index in each cell.
+    values = []
     for j in range(len(cross)):
-        vals = sorted({k[j] for k in keys})
-        pos = {v: i for i, v in enumerate(vals)}
-        img_val = np.array([pos[keys[c][j]] for c in ids[rows]])
-        attr_oh.append(torch.nn.functional.one_hot(torch.as_tensor(img_val, device=dev), len(vals)))
-        cell_val.append(torch.as_tensor([pos[k[j]] for k in keys], device=dev))
+        pos = {v: i for i, v in enumerate(sorted({k[j] for k in keys}))}
+        values.append(torch.as_tensor([pos[k[j]] for k in keys], device=dev))
     d = fires.shape[1]
     q = torch.empty(len(keys), d, dtype=torch.float64, device=dev)
     qhat = torch.empty_like(q)
     for lo in range(0, d, chunk):
-        f = fires[rows_t, lo : lo + chunk].to(torch.float64)  # [n, chunk]
-        hi = lo + f.shape[1]
-        p = f.mean(0)  # [chunk]
-        q[:, lo:hi] = (cell_oh.T @ f) / n_cell[:, None]
-        pred = p.expand(len(keys), -1).clone()
-        safe = torch.where(p > 0, p, torch.ones_like(p))
-        for oh, cv in zip(attr_oh, cell_val, strict=True):
-            oh = oh.to(torch.float64)
-            p_attr = (oh.T @ f) / oh.sum(0)[:, None]  # [n_values, chunk]
-            pred = pred * p_attr[cv] / safe
-        qhat[:, lo:hi] = torch.where(p > 0, pred, torch.zeros_like(pred)).clamp(0, 1)
+        count = (cell_oh.T @ fires[rows_t, lo : lo + chunk].to(torch.float32)).double()
+        hi = lo + count.shape[1]
+        q[:, lo:hi] = count / n_cell[:, None]
+        expected = nointeraction.expected_rates(count, n_cell, values)
+        qhat[:, lo:hi] = expected.rate
+        fit["sweeps"] = max(fit["sweeps"], expected.sweeps)
+        fit["boundary"] += expected.boundary
+        fit["unconverged"] += expected.unconverged
     nc = n_cell[:, None]
     qt = torch.minimum(torch.maximum(qhat, 0.5 / nc), 1 - 0.5 / nc)
     z = (q - qhat) / torch.sqrt(qt * (1 - qt) / nc)
@@ -165,4 +171,4 @@ def departures(
                 ],
             }
         )
-    return out
+    return Departures(out, fit)

@@ -63,7 +63,7 @@ class Config:
     max_iter: int = 200
     """L-BFGS iterations per fit."""
     top_k: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
-    """Numbers of top aligned latents to ablate (clipped to the SAE's width)."""
+    """Numbers of top aligned latents to ablate, for the ablations and TPP (clipped to the SAE's width)."""
     top_latents: int = 10
     """Latents listed per class and per intersectional cell."""
     crosses: tuple[str, ...] = ()
@@ -184,9 +184,28 @@ def parse_crosses(cfg: Config) -> list[tuple[str, ...]]:
     return out
 
 
-def main(cfg: Config) -> None:
+def check_config(cfg: Config) -> None:
+    """UserError for a flag value no run could use, before anything is read or written."""
     if not cfg.attributes:
         raise UserError("--attributes is empty; name at least one label column.")
+    if not cfg.lams or min(cfg.lams) <= 0:
+        raise UserError(f"--lams {list(cfg.lams)}: expected one or more L2 strengths > 0.")
+    counts = {
+        "--max-iter": [cfg.max_iter],
+        "--batch-size": [cfg.batch_size],
+        "--top-latents": [cfg.top_latents],
+        "--min-cell-images": [cfg.min_cell_images],
+        "--top-k": list(cfg.top_k),
+    }
+    for flag, values in counts.items():
+        if any(v < 1 for v in values):
+            raise UserError(f"{flag} {' '.join(map(str, values))}: expected whole numbers >= 1.")
+    if not 0 < cfg.val_frac < 1:
+        raise UserError(f"--val-frac {cfg.val_frac}; expected a fraction in (0, 1).")
+
+
+def main(cfg: Config) -> None:
+    check_config(cfg)
     device = resolve_device(cfg.device)
     shards = Shards(cfg.data.shard_root)
     md = shards.md
@@ -226,6 +245,8 @@ def main(cfg: Config) -> None:
         names += [reps.SAE[p] for p in dict.fromkeys(cfg.pool)]
     if not names:
         raise UserError("nothing to probe: --raw-token is empty and no --ckpt was given.")
+    reps.check(shards, names)
+    # Every check is done: from here on the run writes into OUT.
     cfg.out.mkdir(parents=True, exist_ok=True)
     status = reps.build(
         cfg.out,
@@ -245,30 +266,23 @@ def main(cfg: Config) -> None:
         "vit": {"family": md.vit_family, "ckpt": md.vit_ckpt, "pretrained": md.pretrained},
         "sae": None
         if sae is None
-        else {"d_sae": sae.d_sae, "tokens": getattr(sae, "tokens", None)},
+        else {
+            "d_sae": sae.d_sae,
+            "tokens": getattr(sae, "tokens", None),
+            "pooled_over": reps.sae_pool_tokens(sae),
+        },
         "split": {"how": split_desc, "n_train": int((~test).sum()), "n_test": int(test.sum())},
-        "attributes": {},
+        "attributes": {a.name: describe(a, test) for a in attrs.values()},
         "representations": {},
         "probes": {},
         "alignment": {},
         "ablations": {},
+        "tpp": {},
         "intersections": [],
         "visuals": None if cfg.visuals is None else os.path.relpath(cfg.visuals, cfg.out),
         "config": dataclasses.asdict(cfg),
     }
     for a in attrs.values():
-        train_y = a.y[~test & (a.y >= 0)]
-        test_y = a.y[test & (a.y >= 0)]
-        majority = np.bincount(train_y, minlength=len(a.classes)).argmax()
-        doc["attributes"][a.name] = {
-            "classes": a.classes,
-            "n_missing": a.n_missing,
-            "n_train": len(train_y),
-            "n_test": len(test_y),
-            "train_counts": np.bincount(train_y, minlength=len(a.classes)).tolist(),
-            "test_counts": np.bincount(test_y, minlength=len(a.classes)).tolist(),
-            "chance": float(np.mean(test_y == majority)),
-        }
         if a.n_missing:
             print(f"{a.name}: {a.n_missing} image(s) without a label were dropped.")
 
@@ -277,59 +291,12 @@ def main(cfg: Config) -> None:
     }
     correct: dict[tuple[str, str], np.ndarray] = {}
     fires_from = next((n for n in ("sae-max", "sae-mean") if n in names), None)
-    departures: dict[tuple[str, ...], list] = {}
+    departures: dict[tuple[str, ...], intersect.Departures] = {}
 
     for name in names:
         x = reps.load(cfg.out, name, device)
         doc["representations"][name] = {"dim": x.shape[1], "cache": status[name]}
-        for a in attrs.values():
-            test_rows = np.flatnonzero(test & (a.y >= 0))
-            train_rows = np.flatnonzero(~test & (a.y >= 0))
-            y_train = torch.as_tensor(np.where(~test, a.y, -1), device=device)
-            probe, sel = fitting.fit_cv(
-                x,
-                y_train,
-                len(a.classes),
-                lams=cfg.lams,
-                val_frac=cfg.val_frac,
-                seed=cfg.seed,
-                max_iter=cfg.max_iter,
-            )
-            scores = fitting.evaluate(probe, x, test_rows, a.y[test_rows])
-            pred = probe.predict(x, torch.as_tensor(test_rows, device=device)).cpu().numpy()
-            ok = np.zeros(len(a.y), dtype=bool)
-            ok[test_rows] = pred == a.y[test_rows]
-            correct[(name, a.name)] = ok
-            doc["probes"].setdefault(name, {})[a.name] = scores | {
-                "lam": sel.best,
-                "selection": dataclasses.asdict(sel),
-            }
-            print(f"{name:>9} {a.name:>12}: accuracy {scores['accuracy']:.3f} (lam={sel.best:g})")
-            if not name.startswith("sae-"):
-                continue
-            al = align.align(
-                x,
-                torch.as_tensor(a.y[train_rows], device=device),
-                len(a.classes),
-                rows=torch.as_tensor(train_rows, device=device),
-            )
-            doc["alignment"].setdefault(name, {})[a.name] = report.save_alignment(
-                cfg.out, name, a.name, a.classes, al, cfg.top_latents
-            )
-            doc["ablations"].setdefault(name, {})[a.name] = ablate.ablate(
-                x,
-                y_train,
-                test_rows,
-                a.y[test_rows],
-                probe,
-                al.ranking(),
-                cfg.top_k,
-                lams=cfg.lams,
-                val_frac=cfg.val_frac,
-                seed=cfg.seed,
-                max_iter=cfg.max_iter,
-                desc=f"ablations {name} {a.name}",
-            )
+        probe_representation(cfg, doc, name, x, attrs, test, correct)
         if name == fires_from:
             fires = x > 0
             for cross in crosses:
@@ -355,11 +322,13 @@ def main(cfg: Config) -> None:
             }
             for a in cfg.attributes
         }
+        found = departures.get(cross)
         doc["intersections"].append(
             {
                 "cross": list(cross),
                 "accuracy": acc,
-                "departures": departures.get(cross, []),
+                "departures": [] if found is None else found.cells,
+                "departure_fit": None if found is None else found.fit,
             }
         )
 
@@ -378,3 +347,87 @@ def main(cfg: Config) -> None:
         f"split: {split_desc}; {doc['split']['n_train']} train / {doc['split']['n_test']} held out."
     )
     print(f"wrote {cfg.out / 'report.json'} and {cfg.out / 'report.html'}")
+
+
+def describe(a: Attribute, test: np.ndarray) -> dict:
+    """Class names and counts of one attribute, and the majority-class held-out accuracy."""
+    train_y = a.y[~test & (a.y >= 0)]
+    test_y = a.y[test & (a.y >= 0)]
+    majority = np.bincount(train_y, minlength=len(a.classes)).argmax()
+    return {
+        "classes": a.classes,
+        "n_missing": a.n_missing,
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+        "train_counts": np.bincount(train_y, minlength=len(a.classes)).tolist(),
+        "test_counts": np.bincount(test_y, minlength=len(a.classes)).tolist(),
+        "chance": float(np.mean(test_y == majority)),
+    }
+
+
+def probe_representation(
+    cfg: Config,
+    doc: dict,
+    name: str,
+    x: torch.Tensor,
+    attrs: dict[str, Attribute],
+    test: np.ndarray,
+    correct: dict[tuple[str, str], np.ndarray],
+) -> None:
+    """Probe every attribute in one representation, into `doc`; for SAE codes also align the
+    latents, ablate the top ones and score targeted ablation across attributes. `correct`
+    receives which held-out images each probe gets right (for the intersections)."""
+    device = x.device
+    probes, tests, rankings = {}, {}, {}
+    for a in attrs.values():
+        test_rows = np.flatnonzero(test & (a.y >= 0))
+        train_rows = np.flatnonzero(~test & (a.y >= 0))
+        y_train = torch.as_tensor(np.where(~test, a.y, -1), device=device)
+        probe, sel = fitting.fit_cv(
+            x,
+            y_train,
+            len(a.classes),
+            lams=cfg.lams,
+            val_frac=cfg.val_frac,
+            seed=cfg.seed,
+            max_iter=cfg.max_iter,
+        )
+        scores = fitting.evaluate(probe, x, test_rows, a.y[test_rows])
+        pred = probe.predict(x, torch.as_tensor(test_rows, device=device)).cpu().numpy()
+        ok = np.zeros(len(a.y), dtype=bool)
+        ok[test_rows] = pred == a.y[test_rows]
+        correct[(name, a.name)] = ok
+        doc["probes"].setdefault(name, {})[a.name] = scores | {
+            "lam": sel.best,
+            "selection": dataclasses.asdict(sel),
+        }
+        print(f"{name:>9} {a.name:>12}: accuracy {scores['accuracy']:.3f} (lam={sel.best:g})")
+        if not name.startswith("sae-"):
+            continue
+        al = align.align(
+            x,
+            torch.as_tensor(a.y[train_rows], device=device),
+            len(a.classes),
+            rows=torch.as_tensor(train_rows, device=device),
+        )
+        doc["alignment"].setdefault(name, {})[a.name] = report.save_alignment(
+            cfg.out, name, a.name, a.classes, al, cfg.top_latents
+        )
+        doc["ablations"].setdefault(name, {})[a.name] = ablate.ablate(
+            x,
+            y_train,
+            test_rows,
+            a.y[test_rows],
+            probe,
+            al.ranking(),
+            cfg.top_k,
+            lams=cfg.lams,
+            val_frac=cfg.val_frac,
+            seed=cfg.seed,
+            max_iter=cfg.max_iter,
+            desc=f"ablations {name} {a.name}",
+        )
+        probes[a.name], tests[a.name] = probe, (test_rows, a.y[test_rows])
+        rankings[a.name] = al.ranking()
+    if len(probes) >= 2:
+        doc["tpp"][name] = ablate.tpp(x, probes, tests, rankings, cfg.top_k)

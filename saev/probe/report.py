@@ -1,6 +1,6 @@
 """report.json, the PNG plots and report.html of `saev probe`.
 
-The JSON holds every number; the full latent x class alignment matrices go to
+The JSON holds every number (docs/probe.md explains each); the full latent x class alignment matrices go to
 `alignment/<rep>__<attribute>.npz` (arrays mean, mean_rest, rate, auroc, selectivity, each
 `[d_sae, n_classes]`, plus `classes`) because at 24K latents they would swamp the JSON. The
 page is static HTML (no scripts) with matplotlib PNGs next to it; latent ids link to
@@ -85,7 +85,7 @@ def _save(fig, out: pathlib.Path, name: str) -> str:
 
 
 def plots(out: pathlib.Path, doc: dict) -> dict:
-    made: dict = {"accuracy": None, "ablations": {}, "cells": []}
+    made: dict = {"accuracy": None, "ablations": {}, "tpp": {}, "cells": []}
     attrs = list(doc["attributes"])
     reps = list(doc["probes"])
     if reps:
@@ -115,18 +115,23 @@ def plots(out: pathlib.Path, doc: dict) -> dict:
         for ax, rep in zip(axes[0], sae_reps, strict=True):
             rows = doc["ablations"][rep][a]
             ks = [r["k"] for r in rows]
-            ax.plot(ks, [r["zeroed_accuracy"] for r in rows], "o-", label="necessity: zeroed")
-            ax.plot(ks, [r["refit_accuracy"] for r in rows], "s-", label="necessity: refit")
+            ax.plot(ks, [r["mean_ablation_accuracy"] for r in rows], "o-", label="mean-ablation")
+            ax.plot(ks, [r["zero_ablation_accuracy"] for r in rows], "v-", label="zero-ablation")
+            ax.plot(ks, [r["refit_accuracy"] for r in rows], "s-", label="refit without")
             ax.plot(ks, [r["sufficiency_accuracy"] for r in rows], "^-", label="sufficiency")
             ax.axhline(doc["probes"][rep][a]["accuracy"], color="k", lw=1, label="full probe")
             ax.axhline(doc["attributes"][a]["chance"], color="k", ls="--", lw=1, label="majority")
             ax.set_xscale("log")
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.minorticks_off()
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("k top aligned latents")
             ax.set_ylabel("held-out accuracy")
             ax.set_title(f"{a}: {rep}")
-        axes[0][0].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         made["ablations"][a] = _save(fig, out, f"ablation_{slug(a)}.png")
+    for rep, t in doc["tpp"].items():
+        made["tpp"][rep] = _save(tpp_heatmaps(t, rep), out, f"tpp_{slug(rep)}.png")
     for inter in doc["intersections"]:
         cross = inter["cross"]
         for a, by_rep in inter["accuracy"].items():
@@ -171,6 +176,31 @@ def heatmaps(cross: list[str], attr: str, by_rep: dict):
     return fig
 
 
+def tpp_heatmaps(t: dict, rep: str):
+    """One zero-ablation drop matrix per k: rows = attribute whose top k latents are ablated,
+    columns = attribute probed; red = accuracy lost."""
+    attrs, rows = t["attributes"], t["rows"]
+    drops = [np.array(r["zero"]["drop"]) for r in rows]
+    lim = max(0.05, max(float(np.abs(m).max()) for m in drops))
+    size = 0.45 * len(attrs) + 1.0
+    fig, axes = plt.subplots(
+        1, len(rows), figsize=(size * len(rows) + 1.5, size + 0.6), squeeze=False, sharey=True
+    )
+    for ax, r, m in zip(axes[0], rows, drops, strict=True):
+        im = ax.imshow(m, vmin=-lim, vmax=lim, cmap="RdBu_r")
+        ax.set_xticks(range(len(attrs)), attrs, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(attrs)), attrs, fontsize=7)
+        ax.set_title(f"k={r['k']}\nTPP {r['zero']['tpp']:+.2f}", fontsize=8)
+        if len(attrs) <= 12:
+            for (i, j), v in np.ndenumerate(m):
+                ink = "w" if abs(v) > lim / 2 else "k"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=ink)
+    axes[0][0].set_ylabel("ablated", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy drop")
+    fig.suptitle(f"Targeted zero-ablation, {rep}: columns = attribute probed", fontsize=9)
+    return fig
+
+
 def _natural(s: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
 
@@ -186,6 +216,10 @@ img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
 code { background: #f4f4f4; padding: 0 3px; } .muted { color: #777; }
 details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
 """
+
+
+TOKENS = {"patches": "the patch tokens", "all": "all tokens", "cls": "the CLS token"}
+"""How the page names an SAE's training tokens and the tokens its codes are pooled over."""
 
 
 def page(doc: dict) -> str:
@@ -212,7 +246,9 @@ def page(doc: dict) -> str:
         f"<code>{e(str(doc['vit']['ckpt']))}</code>"
         + ("" if doc["vit"]["pretrained"] else " <b>(random weights)</b>")
         + (
-            f"; SAE <code>{e(doc['ckpt'])}</code> ({doc['sae']['d_sae']} latents)"
+            f"; SAE <code>{e(doc['ckpt'])}</code> ({doc['sae']['d_sae']} latents, trained on "
+            f"{e(TOKENS.get(doc['sae']['tokens'], 'unrecorded tokens'))}; codes pooled over "
+            f"{TOKENS[doc['sae']['pooled_over']]})"
             if doc["ckpt"]
             else ""
         )
@@ -287,13 +323,13 @@ def page(doc: dict) -> str:
                 parts.append("</details>")
     if doc["ablations"]:
         parts.append(
-            "<h2>Ablations of the top aligned latents</h2><p class='muted'>Latents ranked "
+            "<h2>Ablations of the top aligned latents</h2><p class='muted'>Latents ranked by "
+            "their best one-vs-rest AUROC over classes; the fitted probe scored with those k "
+            "latents <b>mean-ablated</b> (replaced by their training means: no information, no "
+            "shift) and <b>zero-ablated</b> (set to 0, the SAE literature's ablation: also "
+            "shifts the logits), a probe <b>refit</b> without them, and their "
+            "<b>sufficiency</b> (a probe on those k latents alone).</p>"
         )
-        parts.append(
-            "by their best one-vs-rest AUROC over classes. Necessity: accuracy with their "
-        )
-        parts.append("probe weights zeroed, and with a probe refit without them. Sufficiency: a ")
-        parts.append("probe on those k latents alone.</p>")
         for a, img in doc["plots"]["ablations"].items():
             parts.append(f"<img src='{e(img)}' alt='ablations for {e(a)}'>")
         for rep, by_attr in doc["ablations"].items():
@@ -301,19 +337,33 @@ def page(doc: dict) -> str:
                 full = doc["probes"][rep][a]["accuracy"]
                 parts.append(
                     f"<h4>{e(a)}, {e(rep)} (full probe {fmt(full)})</h4><table><tr><th>k</th>"
+                    "<th>mean-ablation</th><th>drop</th><th>zero-ablation</th><th>drop</th>"
+                    "<th>refit</th><th>drop</th><th>sufficiency</th>"
+                    "<th class='l'>latents</th></tr>"
                 )
-                parts.append("<th>zeroed</th><th>drop</th><th>refit</th><th>drop</th>")
-                parts.append("<th>sufficiency</th><th class='l'>latents</th></tr>")
                 for r in rows:
                     shown = ", ".join(latent(i) for i in r["latents"][:10])
                     more = f" … (+{len(r['latents']) - 10})" if len(r["latents"]) > 10 else ""
+                    cells = [r["k"]] + [
+                        fmt(r[key])
+                        for key in (
+                            "mean_ablation_accuracy",
+                            "mean_ablation_drop",
+                            "zero_ablation_accuracy",
+                            "zero_ablation_drop",
+                            "refit_accuracy",
+                            "refit_drop",
+                            "sufficiency_accuracy",
+                        )
+                    ]
                     parts.append(
-                        f"<tr><td>{r['k']}</td><td>{fmt(r['zeroed_accuracy'])}</td>"
-                        f"<td>{fmt(r['zeroed_drop'])}</td><td>{fmt(r['refit_accuracy'])}</td>"
-                        f"<td>{fmt(r['refit_drop'])}</td><td>{fmt(r['sufficiency_accuracy'])}</td>"
-                        f"<td class='l'>{shown}{more}</td></tr>"
+                        "<tr>"
+                        + "".join(f"<td>{c}</td>" for c in cells)
+                        + f"<td class='l'>{shown}{more}</td></tr>"
                     )
                 parts.append("</table>")
+    if doc["tpp"]:
+        parts += tpp_html(doc)
     # Intersections.
     if doc["intersections"]:
         parts.append("<h2>Intersectional cells</h2>")
@@ -336,8 +386,15 @@ def page(doc: dict) -> str:
             if p["cross"] == cross:
                 parts.append(f"<img src='{e(p['file'])}' alt='cell accuracy, {e(p['attribute'])}'>")
         if inter["departures"]:
-            parts.append("<details><summary>Latents whose firing rate departs most from the ")
-            parts.append("marginals</summary><table><tr><th class='l'>cell</th><th>n</th>")
+            fit = inter["departure_fit"]
+            parts.append(
+                "<details><summary>Latents whose firing rate departs most from the "
+                "no-interaction model</summary><p class='muted'>Expected: the logistic model "
+                f"<code>{e(fit['model'])}</code> fitted to the joint attribute table (IPF, "
+                f"{fit['sweeps']} sweeps; {fit['boundary']} latent(s) fitted on the boundary, "
+                f"{fit['unconverged']} unconverged); z: Pearson residual of the cell's firing "
+                "count.</p><table><tr><th class='l'>cell</th><th>n</th>"
+            )
             parts.append("<th class='l'>latent (rate vs expected, z)</th></tr>")
             for d in inter["departures"]:
                 items = ", ".join(
@@ -352,3 +409,48 @@ def page(doc: dict) -> str:
             parts.append("</table></details>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def tpp_html(doc: dict) -> list[str]:
+    """The targeted-ablation section: TPP per k and the drop matrices."""
+    e = html.escape
+    parts = [
+        "<h2>Targeted ablation (TPP)</h2><p class='muted'>For each attribute A, its top k "
+        "latents (the ranking above) are ablated and every attribute's probe is scored: "
+        "drop[A, B] is the accuracy drop of B's probe. TPP = mean diagonal drop − mean "
+        "off-diagonal drop: high when each attribute's latents matter to its own probe only. "
+        "Zero-ablation is SAEBench's; mean-ablation removes the latents' information "
+        "without shifting the logits.</p>"
+    ]
+    for rep, t in doc["tpp"].items():
+        attrs = t["attributes"]
+        parts.append(
+            f"<h4>{e(rep)}</h4><table><tr><th>k</th><th>TPP (zero)</th><th>diagonal</th>"
+            "<th>off-diagonal</th><th>TPP (mean)</th><th>diagonal</th><th>off-diagonal</th></tr>"
+        )
+        for r in t["rows"]:
+            z, m = r["zero"], r["mean"]
+            vals = [z["tpp"], z["diagonal"], z["off_diagonal"]]
+            vals += [m["tpp"], m["diagonal"], m["off_diagonal"]]
+            parts.append(
+                f"<tr><td>{r['k']}</td>" + "".join(f"<td>{v:.3f}</td>" for v in vals) + "</tr>"
+            )
+        parts.append("</table>")
+        if rep in doc["plots"]["tpp"]:
+            parts.append(f"<img src='{e(doc['plots']['tpp'][rep])}' alt='TPP drops, {e(rep)}'>")
+        parts.append(
+            f"<details><summary>Drop matrices, {e(rep)} (zero-ablation / mean-ablation)</summary>"
+        )
+        for r in t["rows"]:
+            parts.append(f"<table><tr><th class='l'>k={r['k']}: ablated \\ probed</th>")
+            parts += [f"<th>{e(b)}</th>" for b in attrs]
+            parts.append("</tr>")
+            for i, a in enumerate(attrs):
+                row = "".join(
+                    f"<td>{r['zero']['drop'][i][j]:.3f} / {r['mean']['drop'][i][j]:.3f}</td>"
+                    for j in range(len(attrs))
+                )
+                parts.append(f"<tr><th class='l'>{e(a)}</th>{row}</tr>")
+            parts.append("</table>")
+        parts.append("</details>")
+    return parts

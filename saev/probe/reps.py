@@ -1,8 +1,8 @@
 """Per-image representations, built in one streaming pass over the shards and cached.
 
 Names: `raw-cls` (the ViT's CLS token), `raw-mean` (mean of its patch tokens), `sae-mean` and
-`sae-max` (the SAE's codes pooled over the tokens it was trained on: patches, all tokens, or
-the CLS token). Each is a float32 `[n_imgs, d]` array stored as `OUT/reps/<name>.npy` next to
+`sae-max` (the SAE's codes of the image's patch tokens, mean- or max-pooled; `sae_pool_tokens`
+says which tokens). Each is a float32 `[n_imgs, d]` array stored as `OUT/reps/<name>.npy` next to
 `<name>.json`, the key it was built with (shard metadata and root, layer, checkpoint
 fingerprint). A later run reuses an array whose key matches and rebuilds the others. Arrays
 are written to a hidden temp file and renamed once complete; the key is written after.
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saev.errors import UserError
 from saev.helpers import atomic_write_json
 from saev.shards import Shards, iter_images
 
@@ -36,6 +37,23 @@ def ckpt_fingerprint(ckpt: str | os.PathLike) -> dict:
         "path": str(path.resolve()),
         "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
     }
+
+
+def check(shards: Shards, names: list[str]) -> None:
+    """UserError unless the shards can give every representation in `names`."""
+    if "raw-cls" in names and not shards.md.cls_token:
+        raise UserError(
+            f"{shards.root}: --raw-token cls asked, but this ViT has no CLS token; "
+            "use --raw-token mean."
+        )
+
+
+def sae_pool_tokens(sae: typing.Any) -> str:
+    """The tokens whose SAE codes are pooled per image: the patch tokens (DESIGN section 7),
+    also for an SAE trained on all tokens, so that SAEs trained on patches and on all tokens
+    are probed on the same tokens and the CLS token never dominates a max; only an SAE trained
+    on the CLS token alone reads the CLS token."""
+    return "cls" if getattr(sae, "tokens", None) == "cls" else "patches"
 
 
 def cache_key(shards: Shards, layer: int, name: str, ckpt: dict | None) -> dict:
@@ -72,6 +90,7 @@ def build(
 ) -> dict[str, str]:
     """Make sure every representation in `names` is cached in `out/reps`; returns
     {name: "cached" | "built"}."""
+    check(shards, names)
     reps_dir = out / "reps"
     reps_dir.mkdir(parents=True, exist_ok=True)
     keys = {n: cache_key(shards, layer, n, ckpt_print) for n in names}
@@ -81,20 +100,12 @@ def build(
         return status
     n_imgs = shards.n_imgs
     md = shards.md
-    if "raw-cls" in todo and not md.cls_token:
-        from saev.errors import UserError
-
-        raise UserError(f"{shards.root}: --raw-token cls asked, but this ViT has no CLS token.")
     sae_names = [n for n in todo if n.startswith("sae-")]
     if sae_names:
         sae = sae.to(device) if hasattr(sae, "to") else sae
         if hasattr(sae, "eval"):
             sae.eval()
-        # DESIGN §7 pools SAE codes over patches, also for an SAE trained on all tokens; only a
-        # CLS-token SAE reads the CLS token.
-        sae_slice = shards.token_slice(
-            "cls" if getattr(sae, "tokens", None) == "cls" else "patches"
-        )
+        sae_slice = shards.token_slice(sae_pool_tokens(sae))
     dims = {n: (sae.d_sae if n.startswith("sae-") else md.d_vit) for n in todo}
     tmps = {n: reps_dir / f".{n}.npy.tmp" for n in todo}
     arrays = {
