@@ -5,7 +5,11 @@ Prints, on synthetic sparse "SAE codes" with a planted multiclass label:
   `LogisticRegression(solver="lbfgs")` on the standardised matrix, their ratio, and the
   final objective of each (they should agree to ~1e-4: the same problem);
 - seconds for the full alignment (means, rates, AUROC, selectivity of every latent x class)
-  and latents/s.
+  and latents/s;
+- seconds for the firing-rate departures of every latent in the gender x race (14 cells) and
+  age x gender x race (126 cells) crosses of confounded FairFace-like labels (the
+  no-interaction model fitted by IPF), with the sweeps and boundary fits it needed;
+- seconds for targeted ablation (TPP) over three attributes and the default k list.
 
     python benchmarks/probe.py                                   # small, for a 2-core CPU
     python benchmarks/probe.py --device cuda --n 100000 --d 24576 --skip-sklearn
@@ -35,7 +39,7 @@ def main() -> None:
     p.add_argument("--skip-sklearn", action="store_true")
     args = p.parse_args()
 
-    from saev.probe import align, fit
+    from saev.probe import ablate, align, fit, intersect
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, args.classes, size=args.n)
@@ -76,12 +80,52 @@ def main() -> None:
 
     sync()
     t0 = time.perf_counter()
-    align.align(xt, yt, args.classes)
+    al = align.align(xt, yt, args.classes)
     sync()
     t_al = time.perf_counter() - t0
     print(
         f"alignment:        {t_al:8.2f} s   ({args.d / t_al:,.0f} latents/s over {args.n} images)"
     )
+
+    # FairFace-like labels: the share of women and the age both vary with race.
+    race = rng.integers(0, 7, size=args.n)
+    gender = (rng.random(args.n) < 0.2 + 0.1 * race).astype(int)
+    age = np.minimum(rng.poisson(2 + 0.5 * race + gender), 8)
+    labels = {
+        "age": np.array([f"a{v}" for v in age], dtype=object),
+        "gender": np.array(["FM"[v] for v in gender], dtype=object),
+        "race": np.array([f"r{v}" for v in race], dtype=object),
+    }
+    # The first 4 latents per class of y follow y; make a few follow gender and race too.
+    fires = xt > 0
+    fires[:, -1] = torch.from_numpy(gender == 0).to(dev)
+    fires[:, -2] = torch.from_numpy(race == 3).to(dev)
+    for cross in (("gender", "race"), ("age", "gender", "race")):
+        sync()
+        t0 = time.perf_counter()
+        out = intersect.departures(fires, labels, cross, min_n=30, top=10)
+        sync()
+        t_dep = time.perf_counter() - t0
+        print(
+            f"departures {' x '.join(cross):>18}: {t_dep:6.2f} s   ({args.d / t_dep:,.0f} "
+            f"latents/s; {out.fit['sweeps']} sweeps, {out.fit['boundary']} boundary, "
+            f"{out.fit['unconverged']} unconverged)"
+        )
+
+    test_rows = np.arange(0, args.n, 5)
+    ranking = al.ranking()
+    keys = ("A", "B", "C")
+    sync()
+    t0 = time.perf_counter()
+    ablate.tpp(
+        xt,
+        dict.fromkeys(keys, probe),
+        dict.fromkeys(keys, (test_rows, y[test_rows])),
+        {k: np.roll(ranking, 7 * i) for i, k in enumerate(keys)},
+        (1, 5, 10, 20, 50, 100),
+    )
+    sync()
+    print(f"tpp (3 attributes, 6 k): {time.perf_counter() - t0:6.2f} s")
 
 
 if __name__ == "__main__":
