@@ -84,55 +84,87 @@ def _grads(fn, params):
     return [p.grad.clone() for p in params]
 
 
-def test_sparse_decode_and_encode_equal_dense_values_and_grads():
-    S, B, K = 3, 7, 4
+@pytest.mark.parametrize("ks", [(4, 4, 4), (1, 4, 2)], ids=["equal-k", "ragged-k"])
+def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks):
+    """The sparse top-k path (ragged k per member) gives the dense path's values and gradients,
+    for the parameters and for the input."""
+    S, B, K = 3, 7, max(ks)
     g = torch.Generator().manual_seed(0)
     W_dec = torch.randn(S, F, D, generator=g, dtype=torch.float64, requires_grad=True)
     b_dec = torch.randn(S, D, generator=g, dtype=torch.float64, requires_grad=True)
     W_enc = torch.randn(S, D, F, generator=g, dtype=torch.float64, requires_grad=True)
     b_enc = torch.randn(S, F, generator=g, dtype=torch.float64, requires_grad=True)
-    xs = torch.randn(S, B, D, generator=g, dtype=torch.float64)
+    xs = torch.randn(S, B, D, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.randn(S, B, D, generator=g, dtype=torch.float64)
     idx = torch.stack(
         [torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(B)]) for _ in range(S)]
     )
-    params = [W_dec, b_dec, W_enc, b_enc]
+    params = [W_dec, b_dec, W_enc, b_enc, xs]
 
     def dense():
         pre = torch.baddbmm(b_enc[:, None], xs - b_dec[:, None], W_enc)
-        f = torch.zeros_like(pre).scatter(2, idx, pre.gather(2, idx).relu())
+        f = torch.zeros_like(pre)
+        for s, k in enumerate(ks):  # member s keeps the first k of its selection
+            f[s] = f[s].scatter(1, idx[s, :, :k], pre[s].gather(1, idx[s, :, :k]).relu())
         return ((torch.baddbmm(b_dec[:, None], f, W_dec) - target) ** 2).sum()
 
-    def sparse_path():
+    def topk_path():
         with torch.no_grad():
             pre = torch.baddbmm(b_enc[:, None], xs - b_dec[:, None], W_enc)
-        pos = (idx + torch.arange(B)[None, :, None] * F).reshape(S, -1)
-        vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, pos).view(S, B, K).relu()
-        return ((sparse.decode_fixed(W_dec, b_dec, idx, vals) - target) ** 2).sum()
+        layout = sparse.topk_layout(idx, ks, F)
+        vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout).relu()
+        return ((sparse.decode(W_dec, b_dec, layout, vals) - target) ** 2).sum()
 
-    def flat_path():
+    def positions_path():
         with torch.no_grad():
             pre = torch.baddbmm(b_enc[:, None], xs - b_dec[:, None], W_enc)
-        pos = (idx + torch.arange(B)[None, :, None] * F).reshape(S, -1).sort(-1).values
-        vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, pos).relu()
-        return ((sparse.decode_flat(W_dec, b_dec, pos, vals, B) - target) ** 2).sum()
+        pos = [(idx[s, :, :k] + torch.arange(B)[:, None] * F).reshape(-1) for s, k in enumerate(ks)]
+        layout = sparse.positions_layout(pos, B, F)
+        vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout).relu()
+        return ((sparse.decode(W_dec, b_dec, layout, vals) - target) ** 2).sum()
 
-    torch.testing.assert_close(dense(), sparse_path())
-    torch.testing.assert_close(dense(), flat_path())
+    torch.testing.assert_close(dense(), topk_path())
+    torch.testing.assert_close(dense(), positions_path())
     want = _grads(dense, params)
-    for fn in (sparse_path, flat_path):
+    for fn in (topk_path, positions_path):
         for got, ref in zip(_grads(fn, params), want, strict=True):
             torch.testing.assert_close(got, ref)
     # The decoder gradient touches only the active rows.
-    active = torch.zeros(S, F, dtype=torch.bool).scatter_(1, idx.reshape(S, -1), True)
+    active = torch.zeros(S, F, dtype=torch.bool)
+    for s, k in enumerate(ks):
+        active[s, idx[s, :, :k].reshape(-1)] = True
     assert (want[0].abs().sum(-1)[~active] == 0).all()
+    # Member s pays for its own k: the layout holds B * sum(k) entries, not B * S * max(k).
+    assert sparse.topk_layout(idx, ks, F).cols.numel() == B * sum(ks)
 
 
-def test_empty_rows_in_flat_decode():
+def test_layouts_are_valid_csr_with_sorted_columns():
+    """cuSPARSE needs ascending column indices within each CSR row; torch checks it for us."""
+    g = torch.Generator().manual_seed(1)
+    S, B = 3, 9
+    pre = torch.randn(S, B, F, generator=g)
+    layouts = [
+        sparse.topk_layout(pre.topk(7, dim=-1).indices, [7, 2, 5], F),
+        sparse.positions_layout(
+            [pre[s].reshape(-1).topk(k * B).indices for s, k in enumerate([3, 1, 6])], B, F
+        ),
+    ]
+    for lay in layouts:
+        vals = torch.ones(lay.cols.numel())
+        torch._validate_sparse_csr_tensor_args(lay.crow, lay.cols, vals, (S * B, S * F))
+        for r in range(S * B):
+            cols = lay.cols[lay.crow[r] : lay.crow[r + 1]]
+            assert (cols[1:] > cols[:-1]).all()
+            assert (torch.div(cols, F, rounding_mode="floor") == r // B).all()  # block diagonal
+        assert torch.equal(lay.rows, torch.repeat_interleave(torch.arange(S * B), lay.crow.diff()))
+
+
+def test_empty_rows_in_positions_decode():
     W = torch.randn(1, 4, 3)
     b = torch.zeros(1, 3)
-    pos = torch.tensor([[1, 9]])  # token 0 latent 1, token 2 latent 1 (B=3, F=4); token 1 empty
-    out = sparse.decode_flat(W, b, pos, torch.tensor([[2.0, 3.0]]), 3)
+    # B=3, F=4: token 0 latent 1, token 2 latent 1; token 1 has no active latent.
+    layout = sparse.positions_layout([torch.tensor([9, 1])], 3, 4)
+    out = sparse.decode(W, b, layout, torch.tensor([2.0, 3.0]))
     torch.testing.assert_close(out[0], torch.stack([2 * W[0, 1], torch.zeros(3), 3 * W[0, 1]]))
 
 

@@ -1,6 +1,7 @@
 """`saev train` end to end on tiny CPU shards: sweeps, checkpoints, resume, NaN guard, errors."""
 
 import json
+import math
 import pathlib
 import signal
 
@@ -305,6 +306,28 @@ def test_single_run_from_flags(tmp_path, shards, capsys, monkeypatch):
             ["--n-train", "1000", "--lr-warmup", "1000"],
             "error: member 000-topk: lr_warmup=1,000 tokens must be >= 0 and below n_train=1,000",
         ),
+        # D = 16, exp_factor 2: 32 latents; k = 33 used to train a dense member silently.
+        (
+            ["--sae.exp-factor", "2", "--sae.k", "33"],
+            "error: member 000-topk: k=33 is more than the SAE's 32 latents (exp_factor 2 x d_vit 16)",
+        ),
+        (["--lr", "nan"], "error: member 000-topk: lr=nan; expected a finite number > 0."),
+        (["--lr", "0"], "error: member 000-topk: lr=0.0; expected a finite number > 0."),
+        (["--lr", "inf"], "error: member 000-topk: lr=inf; expected a finite number > 0."),
+        (["--grad-clip", "-1"], "error: member 000-topk: grad_clip=-1.0; expected >= 0."),
+        (
+            ["--lr-decay-frac", "1.5"],
+            "error: member 000-topk: lr_decay_frac=1.5; expected in [0, 1].",
+        ),
+        (
+            ["--sae.exp-factor", "0"],
+            "error: member 000-topk: sae.exp_factor=0; expected an integer >= 1.",
+        ),
+        (["--sae.k", "-3"], "error: topk hyperparameter k=-3: expected an integer >= 1."),
+        (
+            ["--sae.family", "relu", "--sae.sparsity-coeff", "nan"],
+            "error: relu hyperparameter sparsity_coeff=nan: expected a finite number.",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, shards, capsys, argv, message):
@@ -366,6 +389,45 @@ def test_default_lr_warmup_fits_short_runs():
     assert peak == pytest.approx(4e-4, rel=0.01)
 
 
+def test_lr_schedule_holds_the_peak_then_decays_over_the_last_fifth():
+    from saev.train.schedules import lr_at
+
+    kw = dict(lr=1e-3, warmup=1000, n_train=100_000)
+    assert lr_at(0, **kw) == pytest.approx(1e-6)
+    assert lr_at(999, **kw) == pytest.approx(1e-3)
+    # Held at the peak until 80% of the run, then linear to 0 at n_train.
+    assert lr_at(1000, **kw) == lr_at(50_000, **kw) == lr_at(79_999, **kw) == 1e-3
+    assert lr_at(90_000, **kw) == pytest.approx(0.5e-3)
+    assert lr_at(100_000, **kw) == 0.0
+    assert lr_at(90_000, **kw, decay="cosine") == pytest.approx(0.5e-3)
+    assert lr_at(85_000, **kw, decay="cosine") == pytest.approx(
+        1e-3 * (1 + math.cos(math.pi / 4)) / 2
+    )
+    assert lr_at(90_000, **kw, min_frac=0.1) == pytest.approx(0.55e-3)
+    # decay_frac 1 decays from the end of warmup (the old schedule).
+    assert lr_at(50_500, **kw, decay_frac=1.0) == pytest.approx(0.5e-3)
+    assert lr_at(99_000, **kw, decay="constant") == 1e-3
+
+
+def test_default_lr_scales_with_width_as_in_the_literature():
+    from saev.train.schedules import default_lr
+
+    assert default_lr(2**14) == pytest.approx(1e-3)
+    assert default_lr(4 * 2**14) == pytest.approx(0.5e-3)  # 1/sqrt(width)
+    assert default_lr(512) == pytest.approx(1e-3 * math.sqrt(32))
+
+
+def test_the_resolved_default_lr_is_recorded_in_each_checkpoint(tmp_path, shards):
+    from saev.train.schedules import default_lr
+
+    text = SWEEP.replace("lr = 3e-3\n", "").split("family")[0] + 'family = "topk"\nk = [2, 4]\n'
+    run = train(sweep_cfg(tmp_path, shards, text, n_eval=0))
+    for member in (run / "members").iterdir():
+        cfg = json.loads((member / "config.json").read_text())
+        assert cfg["train"]["lr"] is None
+        assert cfg["lr"] == pytest.approx(default_lr(cfg["d_sae"]))
+
+
 def test_ctrl_c_saves_state_at_a_step_boundary_and_resume_is_exact(tmp_path, shards, monkeypatch):
     whole = train(sweep_cfg(tmp_path / "a", shards, RESUME))
 
@@ -400,3 +462,27 @@ def test_ctrl_c_saves_state_at_a_step_boundary_and_resume_is_exact(tmp_path, sha
         b = load_file(killed / "members" / name / "sae.safetensors")
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_bfloat16_training_runs_and_evaluates_like_float32(tmp_path, shards):
+    """--dtype bfloat16: matmuls under autocast, float32 weights and metrics, a close FVU."""
+    text = SWEEP.replace("ckpt_every = 1024\n", "")
+    runs = {
+        dtype: train(sweep_cfg(tmp_path / dtype, shards, text, dtype=dtype))
+        for dtype in ("float32", "bfloat16")
+    }
+    summaries = {
+        dtype: {m["name"]: m for m in json.loads((run / "summary.json").read_text())["members"]}
+        for dtype, run in runs.items()
+    }
+    for name, m32 in summaries["float32"].items():
+        m16 = summaries["bfloat16"][name]
+        assert m16["status"] == "ok"
+        assert m16["eval"]["fvu"] == pytest.approx(m32["eval"]["fvu"], rel=0.1), name
+        sae = saev.nn.load(runs["bfloat16"] / "members" / name)
+        assert all(
+            t.dtype == torch.float32
+            for t in sae.stack.state_dict().values()
+            if t.is_floating_point()
+        )
+        assert sae.cfg["train"]["dtype"] == "bfloat16"

@@ -15,14 +15,31 @@ from saev.nn import sparse
 from saev.nn.stack import Codes, Stack
 
 
+def l1_coeff(stack: Stack, warm: Tensor) -> Tensor:
+    """[S] λ·√d_vit, the weight of an L1 penalty next to the reconstruction loss.
+
+    Inputs are scaled to E‖x‖ = √d_vit, so the reconstruction loss grows like d_vit and a code
+    value like √d_vit; with the penalty weighted by √d_vit, the loss divided by d_vit is
+    (per-coordinate MSE) + λ·Σᵢ fᵢ/√d_vit, both free of the width: one λ gives a similar
+    sparsity on any d_vit (docs/families.md, "Loss normalisation").
+    """
+    return stack.hp("sparsity_coeff") * warm * math.sqrt(stack.d_vit)
+
+
+def l0_coeff(stack: Stack, warm: Tensor) -> Tensor:
+    """[S] λ·d_vit, the weight of an L0 penalty: after dividing the loss by d_vit, a latent pays
+    for itself if it lowers the per-coordinate MSE by more than λ."""
+    return stack.hp("sparsity_coeff") * warm * stack.d_vit
+
+
 class ReLUStack(Stack):
-    """f = ReLU(pre); loss λ·Σᵢ fᵢ (decoder rows are unit norm, so this is Σ fᵢ‖W_dec,ᵢ‖)."""
+    """f = ReLU(pre); loss λ·√d_vit·Σᵢ fᵢ (decoder rows are unit norm, so this is Σ fᵢ‖W_dec,ᵢ‖)."""
 
     family = "relu"
 
     def _encode(self, xs, train, warm):
         f = torch.relu(self.pre_acts(xs))
-        lam = self.hp("sparsity_coeff") * warm
+        lam = l1_coeff(self, warm)
         return (
             Codes(self.S, xs.shape[1], self.d_sae, dense=f),
             {"sparsity": lam * f.sum(-1).mean(-1)},
@@ -30,36 +47,31 @@ class ReLUStack(Stack):
         )
 
 
-def _rank_mask(k: Tensor, width: int) -> Tensor:
-    """[S, 1, width] bool: rank j < k[s] (torch.topk returns values sorted, so rank = position)."""
-    return torch.arange(width, device=k.device)[None, None, :] < k[:, None, None]
-
-
 class TopKStack(Stack):
-    """Gao et al. 2024: keep the k largest of ReLU(pre) per token; AuxK revives dead latents."""
+    """Gao et al. 2024: keep the k largest of ReLU(pre) per token; AuxK revives dead latents.
+
+    Members may have different k: the top max(k) latents are selected once per token and each
+    member keeps its own prefix of them, so the sparse work is proportional to its own k.
+    """
 
     family = "topk"
     uses_auxk = True
 
-    def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and self.W_enc.requires_grad
-
-    def _select(self, pre: Tensor, xs: Tensor, pos: Tensor) -> Tensor:
-        """Values of `pre` at flat positions `pos`, with a sparse gradient when training."""
-        if self._needs_grad():
-            return sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, pos)
-        return pre.reshape(self.S, -1).gather(1, pos)
+    def _select(self, pre: Tensor, xs: Tensor, layout: sparse.Layout) -> Tensor:
+        """Values of `pre` at the layout's positions, with a sparse gradient when one is needed
+        (training, or an input that asks for its gradient)."""
+        if torch.is_grad_enabled() and (self.W_enc.requires_grad or xs.requires_grad):
+            return sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, layout)
+        return pre.reshape(-1)[layout.flat].to(self.W_dec.dtype)
 
     def _topk_codes(self, xs: Tensor) -> tuple[Codes, Tensor]:
         S, B = xs.shape[:2]
         with torch.no_grad():
             pre = self.pre_acts(xs)
-        k = self.hp("k")
-        kmax = min(self.hp_max("k"), self.d_sae)
-        idx = pre.topk(kmax, dim=-1, sorted=True).indices
-        pos = (idx + torch.arange(B, device=idx.device)[None, :, None] * self.d_sae).reshape(S, -1)
-        vals = torch.relu(self._select(pre, xs, pos).view(S, B, kmax)) * _rank_mask(k, kmax)
-        return Codes(S, B, self.d_sae, idx=idx, vals=vals), pre
+            ks = self.hp_ints("k")
+            layout = sparse.topk_layout(pre.topk(max(ks), dim=-1).indices, ks, self.d_sae)
+        vals = torch.relu(self._select(pre, xs, layout))
+        return Codes(S, B, self.d_sae, layout=layout, vals=vals), pre
 
     def _encode(self, xs, train, warm):
         codes, pre = self._topk_codes(xs)
@@ -73,21 +85,22 @@ class TopKStack(Stack):
         has_dead = dead.any(-1)
         if not bool(has_dead.any()):
             return None
-        S, B = xs.shape[:2]
-        k_aux = self.hp("k_aux")
-        kmax = min(self.hp_max("k_aux"), self.d_sae)
         with torch.no_grad():
-            top = pre.masked_fill(~dead[:, None, :], -math.inf).topk(kmax, dim=-1, sorted=True)
-            valid = torch.isfinite(top.values) & _rank_mask(k_aux, kmax)
-        pos = (
-            top.indices + torch.arange(B, device=pre.device)[None, :, None] * self.d_sae
-        ).reshape(S, -1)
-        vals = torch.relu(self._select(pre, xs, pos).view(S, B, kmax)) * valid
+            ks = self.hp_ints("k_aux")
+            masked = pre.masked_fill(~dead[:, None, :], -math.inf)
+            layout = sparse.topk_layout(masked.topk(max(ks), dim=-1).indices, ks, self.d_sae)
+            # A member with fewer dead latents than k_aux also selected live ones: drop them.
+            valid = dead.reshape(-1)[layout.cols]
+        vals = torch.relu(self._select(pre, xs, layout)) * valid
         resid = (xs - recon).detach()
-        resid_hat = sparse.decode_fixed(self.W_dec, torch.zeros_like(self.b_dec), top.indices, vals)
-        err = (resid - resid_hat).pow(2).sum((-1, -2))
-        var = (xs - xs.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
-        return torch.where(has_dead, self.hp("aux_coeff") * err / var, 0.0)
+        resid_hat = sparse.decode(self.W_dec, torch.zeros_like(self.b_dec), layout, vals)
+        err = (resid - resid_hat).pow(2).sum(-1).mean(-1)
+        # Gao et al. weigh two normalised MSEs, the main one by Var(x) and the aux one by Var(e);
+        # next to our unnormalised main loss that is alpha * Var(x)/Var(e) * ||e - e_hat||^2.
+        with torch.no_grad():
+            var_x = (xs - xs.mean(1, keepdim=True)).pow(2).sum((-1, -2))
+            var_e = (resid - resid.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
+        return torch.where(has_dead, self.hp("aux_coeff") * var_x / var_e * err, 0.0)
 
 
 class BatchTopKStack(TopKStack):
@@ -108,20 +121,21 @@ class BatchTopKStack(TopKStack):
             return Codes(S, B, self.d_sae, dense=f), None
         with torch.no_grad():
             pre = self.pre_acts(xs)
-        kB = self.hp("k") * B
-        kmax = min(self.hp_max("k") * B, B * self.d_sae)
-        with torch.no_grad():
-            top = pre.reshape(S, -1).topk(kmax, dim=-1, sorted=True)
-            keep = (torch.arange(kmax, device=pre.device)[None, :] < kB[:, None]) & (top.values > 0)
-            self._update_threshold(top.values, keep)
-            pos, order = top.indices.sort(dim=-1)
-            keep = keep.gather(1, order)
-        vals = torch.relu(self._select(pre, xs, pos)) * keep
-        return Codes(S, B, self.d_sae, pos=pos, vals=vals), pre
+            kBs = [k * B for k in self.hp_ints("k")]
+            top = pre.reshape(S, -1).topk(max(kBs), dim=-1)
+            self._update_threshold([top.values[s, :kB] for s, kB in enumerate(kBs)])
+            layout = sparse.positions_layout(
+                [top.indices[s, :kB] for s, kB in enumerate(kBs)], B, self.d_sae
+            )
+        vals = torch.relu(self._select(pre, xs, layout))
+        return Codes(S, B, self.d_sae, layout=layout, vals=vals), pre
 
     @torch.no_grad()
-    def _update_threshold(self, values: Tensor, keep: Tensor) -> None:
-        smallest = torch.where(keep, values, math.inf).min(-1).values
+    def _update_threshold(self, values: list[Tensor]) -> None:
+        """EMA of each member's smallest positive kept activation."""
+        smallest = torch.stack([torch.where(v > 0, v, math.inf).min() for v in values]).to(
+            self.threshold.dtype
+        )
         ok = torch.isfinite(smallest) & ~self.frozen
         decay = self.hp("threshold_decay")
         ema = torch.where(
@@ -201,7 +215,7 @@ def jumprelu_codes(stack: Stack, z: Tensor, warm: Tensor) -> tuple[Tensor, Tenso
     eps = stack.hp("bandwidth")[:, None, None].to(z.dtype)
     f = _JumpReLU.apply(z, theta, eps)
     l0 = _Step.apply(z, theta, eps).sum(-1).mean(-1)
-    lam = stack.hp("sparsity_coeff") * warm
+    lam = l0_coeff(stack, warm)
     target = stack.hp("target_l0")
     targeted = (l0 / target.clamp_min(1e-12) - 1).pow(2)
     return f, lam * torch.where(target > 0, targeted, l0)
@@ -235,7 +249,7 @@ def gated_losses(stack: Stack, xs: Tensor, pi_gate: Tensor, warm: Tensor) -> dic
     gate = torch.relu(pi_gate)
     frozen_recon = torch.baddbmm(stack.b_dec.detach()[:, None, :], gate, stack.W_dec.detach())
     return {
-        "sparsity": stack.hp("sparsity_coeff") * warm * gate.sum(-1).mean(-1),
+        "sparsity": l1_coeff(stack, warm) * gate.sum(-1).mean(-1),
         "aux": (xs - frozen_recon).pow(2).sum(-1).mean(-1),
     }
 

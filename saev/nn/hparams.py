@@ -78,9 +78,10 @@ def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typin
     hp = {**defaults, **member}
     for key, value in hp.items():
         if key in _INT_KEYS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            least = 1 if key in ("k", "k_aux") else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UserError(
-                    f"{family} hyperparameter {key}={value!r}: expected an integer >= 0."
+                    f"{family} hyperparameter {key}={value!r}: expected an integer >= {least}."
                 )
         elif key == "base":
             if value not in ("topk", "batchtopk"):
@@ -108,7 +109,7 @@ def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typin
                     f"{family} hyperparameter {key}={value!r}: expected a finite number."
                 )
             hp[key] = float(value)
-    for key in ("k", "k_aux", "bandwidth", "threshold_init"):
+    for key in ("bandwidth", "threshold_init"):
         if key in hp and hp[key] <= 0:
             raise UserError(f"{family} hyperparameter {key}={hp[key]!r}: expected a value > 0.")
     if "threshold_decay" in hp and not 0 <= hp["threshold_decay"] < 1:

@@ -2,117 +2,223 @@
 
 A top-k code has k nonzeros out of d_sae per token. The dense way to train it multiplies
 a [B, d_sae] gradient with the input again (as costly as the encoder forward) and decodes
-with a dense [B, d_sae] x [d_sae, d] matmul. Here both are replaced by gathers and
-index-adds over the B*k active (token, latent) pairs:
+with a dense [B, d_sae] x [d_sae, d] matmul. Here both are replaced by work over the active
+(token, latent) pairs only.
 
-- `gather_pre` picks the selected pre-activations out of an already computed
-  (detached) pre-activation tensor; its backward scatters the gradient into the selected
-  encoder columns and b_enc only.
-- `decode_fixed` / `decode_flat` multiply a sparse (CSR) code matrix with the decoder; the
-  backward touches only the active decoder rows.
+A `Layout` says where the nonzeros of a whole stack's codes are, as the CSR structure of the
+block-diagonal [S*B, S*F] code matrix C (row = member*B + token, column = member*F + latent,
+columns ascending within each row). Members may keep different numbers of latents per token
+(ragged k): a member with k=16 in a stack whose largest k is 128 pays for 16, not 128. Every
+product with C is an embedding bag (a gather of rows, weighted, summed per bag):
 
-Both backward passes are one sparse-dense matmul (MKL / cuSPARSE) over the block-diagonal
-[S*B, S*F] code matrix of the whole stack. A gather-multiply-index_add formulation was
-~6x slower on CPU than this, and slower than the dense matmul it replaces.
+- row side, C @ M (decode, the input gradient): bags are C's rows, gathering rows of M;
+- column side, C^T @ M (the encoder and decoder weight gradients): bags are C's columns,
+  gathering rows of M in the order of one argsort of the column indices per batch, shared
+  by the encoder and the decoder backward;
+- the gradient of the code values, (G @ W^T) at C's positions only, is torch's sampled matmul.
 
-Positions are flat indices into a member's [B, d_sae] code matrix (`b * d_sae + f`), so one
-representation serves per-token top-k (k per row) and BatchTopK (any number per row).
+On the CPU an embedding bag does C^T @ M 6-8x faster than MKL's sparse-dense product of the
+transposed CSR, and torch's own embedding-bag backward sorts the indices on every call;
+benchmarks/sae_step.py measures the step against the encoder matmul it must keep up with.
 """
 
+import dataclasses
+import typing
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
-def _flat_rows_cols(pos: torch.Tensor, B: int, Fdim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row (member*B + token) and column (member*F + latent) of every active entry; pos: [S, N]."""
-    S = pos.shape[0]
-    member = torch.arange(S, device=pos.device)[:, None]
-    rows = (torch.div(pos, Fdim, rounding_mode="floor") + member * B).reshape(-1)
-    cols = (pos % Fdim + member * Fdim).reshape(-1)
-    return rows, cols
+@dataclasses.dataclass(eq=False)
+class Layout:
+    """Positions of the nonzeros of a stack's codes (CSR of the block-diagonal [S*B, S*F] matrix)."""
+
+    rows: Tensor
+    """[nnz] member*B + token, ascending."""
+    cols: Tensor
+    """[nnz] member*F + latent, ascending within each row."""
+    crow: Tensor
+    """[S*B + 1] CSR row pointers: row r's entries are [crow[r], crow[r+1])."""
+    S: int
+    B: int
+    F: int
+    _by_col: tuple[Tensor, Tensor, Tensor] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def flat(self) -> Tensor:
+        """[nnz] index of every entry into a flattened [S, B, F] tensor."""
+        return self.rows * self.F + self.cols % self.F
+
+    @property
+    def latents(self) -> Tensor:
+        """[nnz] latent index (within its member) of every entry."""
+        return self.cols % self.F
+
+    def member_ptr(self) -> Tensor:
+        """[S + 1] where each member's entries start in the flat arrays."""
+        return self.crow[:: self.B]
+
+    def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order, rows in that order, column pointers [S*F + 1]): the entries sorted by column,
+        i.e. the CSR structure of C^T. Computed once per layout."""
+        if self._by_col is None:
+            order = torch.argsort(self.cols, stable=True)
+            ccol = torch.searchsorted(
+                self.cols[order], torch.arange(self.S * self.F + 1, device=self.cols.device)
+            )
+            self._by_col = (order, self.rows[order], ccol)
+        return self._by_col
+
+    def row_sum(self, values: Tensor, M: Tensor) -> Tensor:
+        """C @ M: [S*B, m] from M [S*F, m], C holding `values` at the layout's positions."""
+        return F.embedding_bag(
+            self.cols,
+            M,
+            self.crow,
+            per_sample_weights=values.to(M.dtype),
+            mode="sum",
+            include_last_offset=True,
+        )
+
+    def col_sum(self, values: Tensor, M: Tensor) -> Tensor:
+        """C^T @ M: [S*F, m] from M [S*B, m]."""
+        order, rows, ccol = self.by_col()
+        return F.embedding_bag(
+            rows,
+            M,
+            ccol,
+            per_sample_weights=values[order].to(M.dtype),
+            mode="sum",
+            include_last_offset=True,
+        )
+
+    def sampled(self, A: Tensor, Bt: Tensor) -> Tensor:
+        """(A @ Bt^T) at the layout's positions: [nnz] from A [S*B, m] and Bt [S*F, m]."""
+        with warnings.catch_warnings():
+            # torch calls sparse CSR support "beta"; sampled_addmm is one MKL / cuSPARSE SDDMM.
+            warnings.simplefilter("ignore", UserWarning)
+            mask = torch.sparse_csr_tensor(
+                self.crow,
+                self.cols,
+                A.new_zeros(self.cols.numel()),
+                (self.S * self.B, self.S * self.F),
+                check_invariants=False,
+            )
+            return torch.sparse.sampled_addmm(mask, A, Bt.t(), beta=0.0).values()
 
 
-def _csr(rows, cols, values, n_rows: int, n_cols: int) -> torch.Tensor:
-    """Block-diagonal [S*B, S*F] code matrix; `rows` must be ascending (they are: positions are
-    sorted within a member and members are stacked in order)."""
-    crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
-    with warnings.catch_warnings():
-        # torch warns that CSR support is "beta"; the ops used here (CSR @ dense and its
-        # transpose) are plain MKL / cuSPARSE SpMM calls.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+def topk_layout(idx: Tensor, ks: typing.Sequence[int], F_: int) -> Layout:
+    """Layout of per-token top-k codes: member s keeps the first ks[s] of `idx[s]` ([S, B, kmax],
+    latents ordered by value as torch.topk returns them), re-sorted by latent index."""
+    S, B, _ = idx.shape
+    device = idx.device
+    cols, rows = [], []
+    for s, k in enumerate(ks):
+        cols.append((idx[s, :, :k].sort(-1).values + s * F_).reshape(-1))
+        rows.append((torch.arange(B, device=device) + s * B).repeat_interleave(k))
+    per_row = torch.tensor(list(ks), device=device).repeat_interleave(B)
+    crow = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])
+    return Layout(torch.cat(rows), torch.cat(cols), crow, S, B, F_)
+
+
+def positions_layout(pos: typing.Sequence[Tensor], B: int, F_: int) -> Layout:
+    """Layout from each member's flat positions `b * F + f` into its [B, F] code matrix, any
+    number per token (BatchTopK); positions are sorted here."""
+    S = len(pos)
+    device = pos[0].device
+    flat = torch.cat([p.sort().values + s * B * F_ for s, p in enumerate(pos)])
+    rows = torch.div(flat, F_, rounding_mode="floor")
+    cols = flat % F_ + torch.div(rows, B, rounding_mode="floor") * F_
+    crow = torch.searchsorted(rows, torch.arange(S * B + 1, device=device))
+    return Layout(rows, cols, crow, S, B, F_)
+
+
+def _rows_of(W: Tensor) -> Tensor:
+    """[S, F, d] (or a transposed view of one) as [S*F, d] rows, copying only if it must."""
+    return W.reshape(-1, W.shape[-1])
 
 
 class _GatherPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre, xs, b_dec, W_enc, b_enc, pos):
-        # pre: [S, B, F] detached; xs: [S or 1, B, d] scaled input (no grad); pos: [S, N] long.
-        S, B, Fdim = pre.shape
-        ctx.save_for_backward(xs, b_dec, W_enc, pos)
-        ctx.shape = (S, B, Fdim)
-        return pre.reshape(S, B * Fdim).gather(1, pos)
+    def forward(ctx, pre, xs, b_dec, W_enc, b_enc, layout):
+        # pre: [S, B, F] detached; xs: [S or 1, B, d] scaled input; layout: the selection.
+        ctx.save_for_backward(xs, b_dec, W_enc)
+        ctx.layout = layout
+        # Under bfloat16 autocast `pre` comes from a bf16 matmul; the codes and everything
+        # after them are float32 (the master weights' dtype).
+        return pre.reshape(-1)[layout.flat].to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        xs, b_dec, W_enc, pos = ctx.saved_tensors
-        S, B, Fdim = ctx.shape
+        xs, b_dec, W_enc = ctx.saved_tensors
+        lay: Layout = ctx.layout
+        S, B, Fdim = lay.S, lay.B, lay.F
         d = W_enc.shape[1]
         g = g.contiguous()
-        grad_b_enc = torch.zeros(S, Fdim, dtype=g.dtype, device=g.device)
-        grad_b_enc.scatter_add_(1, pos % Fdim, g)
+        grad_b_enc = torch.zeros(S * Fdim, dtype=g.dtype, device=g.device)
+        grad_b_enc.index_add_(0, lay.cols, g)
+        grad_b_enc = grad_b_enc.view(S, Fdim)
 
-        grad_W_enc = None
+        grad_xs = grad_W_enc = None
         if ctx.needs_input_grad[3]:
-            # dW_enc = x~^T G with G the sparse [B, F] gradient of pre: one sparse-dense matmul
-            # (G^T x~) over the block-diagonal stack, B*k*d work instead of B*F*d.
-            x_t = (xs.expand(S, B, d) - b_dec[:, None, :]).reshape(S * B, d)
-            rows, cols = _flat_rows_cols(pos, B, Fdim)
-            G = _csr(rows, cols, g.reshape(-1), S * B, S * Fdim)
-            grad_W_enc = (G.t() @ x_t).view(S, Fdim, d).transpose(1, 2)
+            # dW_enc = x~^T G, G the sparse gradient of pre: nnz*d work instead of B*F*d. Built
+            # as [S, F, d] and returned transposed, the layout of W_enc itself (stack.py).
+            x_t = (xs.expand(S, B, d) - b_dec[:, None, :]).reshape(S * B, d).to(g.dtype)
+            grad_W_enc = lay.col_sum(g, x_t).view(S, Fdim, d).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            # d pre / d xs = W_enc^T: attributions through a spliced SAE need this.
+            grad = lay.row_sum(g, _rows_of(W_enc.transpose(1, 2))).view(S, B, d)
+            grad_xs = grad.sum(0, keepdim=True) if xs.shape[0] == 1 and S > 1 else grad
+            grad_xs = grad_xs.to(xs.dtype)
 
         grad_b_dec = None
         if ctx.needs_input_grad[2]:
             # d pre / d b_dec = -W_enc, summed over tokens: -W_enc @ (sum of g per latent).
             grad_b_dec = -torch.bmm(W_enc, grad_b_enc[:, :, None]).squeeze(-1)
-        return None, None, grad_b_dec, grad_W_enc, grad_b_enc, None
+        return None, grad_xs, grad_b_dec, grad_W_enc, grad_b_enc, None
 
 
-def gather_pre(pre, xs, b_dec, W_enc, b_enc, pos):
-    """Differentiable `pre.view(S, B*F).gather(1, pos)` with a sparse backward.
+def gather_pre(
+    pre: Tensor, xs: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, layout: Layout
+) -> Tensor:
+    """Differentiable `pre.reshape(-1)[layout.flat]` ([nnz]) with a sparse backward.
 
     `pre` must equal `xs - b_dec` times `W_enc` plus `b_enc` (computed without grad by the
-    caller); gradients flow to b_dec, W_enc and b_enc exactly as through the dense expression.
+    caller); gradients flow to xs, b_dec, W_enc and b_enc exactly as through the dense expression.
     """
-    return _GatherPre.apply(pre, xs, b_dec, W_enc, b_enc, pos)
+    return _GatherPre.apply(pre, xs, b_dec, W_enc, b_enc, layout)
 
 
-def decode_fixed(W_dec, b_dec, idx, vals):
-    """x = sum_j vals[s, b, j] * W_dec[s, idx[s, b, j]] + b_dec[s]; idx, vals: [S, B, K]."""
-    S, Fdim, d = W_dec.shape
-    _, B, K = idx.shape
-    offs = (torch.arange(S, device=idx.device) * Fdim)[:, None, None]
-    out = F.embedding_bag(
-        (idx + offs).reshape(S * B, K),
-        W_dec.reshape(S * Fdim, d),
-        per_sample_weights=vals.reshape(S * B, K),
-        mode="sum",
-    )
-    return out.view(S, B, d) + b_dec[:, None, :]
+class _Decode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W_dec, b_dec, vals, layout):
+        S, Fdim, d = W_dec.shape
+        ctx.save_for_backward(W_dec, vals)
+        ctx.layout = layout
+        out = layout.row_sum(vals, W_dec.reshape(S * Fdim, d))
+        return out.view(S, layout.B, d) + b_dec[:, None, :]
+
+    @staticmethod
+    def backward(ctx, g):
+        W_dec, vals = ctx.saved_tensors
+        lay: Layout = ctx.layout
+        S, Fdim, d = W_dec.shape
+        g_rows = g.reshape(S * lay.B, d)
+        grad_W = grad_b = grad_vals = None
+        if ctx.needs_input_grad[0]:
+            grad_W = lay.col_sum(vals, g_rows).view(S, Fdim, d)
+        if ctx.needs_input_grad[1]:
+            grad_b = g.sum(1)
+        if ctx.needs_input_grad[2]:
+            grad_vals = lay.sampled(g_rows, W_dec.reshape(S * Fdim, d)).to(vals.dtype)
+        return grad_W, grad_b, grad_vals, None
 
 
-def decode_flat(W_dec, b_dec, pos, vals, B):
-    """Same for positions `pos` [S, N] into [B*F], sorted ascending within each member."""
-    S, Fdim, d = W_dec.shape
-    member = torch.arange(S, device=pos.device)[:, None]
-    rows = (pos // Fdim + member * B).reshape(-1)
-    cols = (pos % Fdim + member * Fdim).reshape(-1)
-    offsets = torch.searchsorted(rows, torch.arange(S * B, device=pos.device))
-    out = F.embedding_bag(
-        cols, W_dec.reshape(S * Fdim, d), offsets, per_sample_weights=vals.reshape(-1), mode="sum"
-    )
-    return out.view(S, B, d) + b_dec[:, None, :]
+def decode(W_dec: Tensor, b_dec: Tensor, layout: Layout, vals: Tensor) -> Tensor:
+    """x[s, b] = sum over the row's entries of vals * W_dec[s, latent] + b_dec[s]: [S, B, d]."""
+    return _Decode.apply(W_dec, b_dec, vals.to(W_dec.dtype), layout)
 
 
 @torch.no_grad()

@@ -34,54 +34,48 @@ _GAIN_CHUNK = 2048
 
 @dataclasses.dataclass
 class Codes:
-    """One batch's codes: dense `f` [S, B, F], or sparse values with fixed-width `idx` [S, B, K]
-    (per-token top-k) or flat sorted positions `pos` [S, N] into [B*F] (BatchTopK)."""
+    """One batch's codes: dense `f` [S, B, F], or sparse `vals` [nnz] at the positions of a
+    `sparse.Layout` (top-k style families; members may keep different numbers per token)."""
 
     S: int
     B: int
     d_sae: int
     dense: Tensor | None = None
-    idx: Tensor | None = None
-    pos: Tensor | None = None
+    layout: sparse.Layout | None = None
     vals: Tensor | None = None
 
     def to_dense(self) -> Tensor:
         if self.dense is not None:
             return self.dense
-        f = self.vals.new_zeros(self.S, self.B * self.d_sae)
-        if self.idx is not None:
-            b = torch.arange(self.B, device=self.idx.device)[None, :, None] * self.d_sae
-            return f.scatter_add(
-                1, (self.idx + b).reshape(self.S, -1), self.vals.reshape(self.S, -1)
-            ).view(self.S, self.B, self.d_sae)
-        return f.scatter_add(1, self.pos, self.vals).view(self.S, self.B, self.d_sae)
-
-    def features(self) -> Tensor:
-        """Latent index of every sparse value (same shape as `vals`)."""
-        return self.idx if self.idx is not None else self.pos % self.d_sae
+        f = self.vals.new_zeros(self.S * self.B * self.d_sae)
+        return f.index_add(0, self.layout.flat, self.vals).view(self.S, self.B, self.d_sae)
 
     @torch.no_grad()
     def fired(self) -> Tensor:
         """[S, F] bool: latents nonzero on at least one token of the batch."""
         if self.dense is not None:
             return (self.dense != 0).any(1)
-        counts = torch.zeros(self.S, self.d_sae, device=self.vals.device)
-        nonzero = (self.vals.detach() != 0).reshape(self.S, -1).to(counts.dtype)
-        return counts.scatter_add_(1, self.features().reshape(self.S, -1), nonzero) > 0
+        counts = torch.zeros(self.S * self.d_sae, device=self.vals.device)
+        nonzero = (self.vals.detach() != 0).to(counts.dtype)
+        return counts.index_add_(0, self.layout.cols, nonzero).view(self.S, self.d_sae) > 0
 
     @torch.no_grad()
     def l0(self) -> Tensor:
         """[S] mean number of nonzero latents per token."""
         if self.dense is not None:
             return (self.dense != 0).sum(-1).float().mean(-1)
-        return (self.vals != 0).reshape(self.S, -1).sum(-1).float() / self.B
+        # Nonzeros per member: differences of a running count at the members' boundaries.
+        nonzero = (self.vals != 0).long()
+        running = torch.cat([nonzero.new_zeros(1), nonzero.cumsum(0)])
+        at = running[self.layout.member_ptr()]
+        return (at[1:] - at[:-1]).float() / self.B
 
     def masked(self, n_first: int) -> "Codes":
         """The codes restricted to latents [0, n_first) (Matryoshka prefixes)."""
         if self.dense is not None:
             keep = torch.arange(self.d_sae, device=self.dense.device) < n_first
             return dataclasses.replace(self, dense=self.dense * keep)
-        return dataclasses.replace(self, vals=self.vals * (self.features() < n_first))
+        return dataclasses.replace(self, vals=self.vals * (self.layout.latents < n_first))
 
 
 @dataclasses.dataclass
@@ -119,6 +113,11 @@ class Stack(nn.Module, abc.ABC):
                     f"{self.family} hyperparameter {key!r} must be equal within one stack; got {sorted(values)}."
                 )
         self.d_vit, self.d_sae, self.S = d_vit, d_sae, len(self.members)
+        for m in self.members:
+            if m.get("k", 0) > d_sae:
+                raise UserError(
+                    f"{self.family} k={m['k']} is more than the SAE's d_sae={d_sae} latents."
+                )
 
         # Hyperparameters as [S] tensors (non-persistent: config.json is their record).
         for key, default in hparams.HPARAMS[self.family].items():
@@ -136,7 +135,10 @@ class Stack(nn.Module, abc.ABC):
         W_dec = torch.stack([torch.randn(d_sae, d_vit, generator=g) for g in gens])
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())
+        # W_enc [S, d, F] is stored as a transposed [S, F, d] array: the sparse encoder backward
+        # builds its gradient row by latent (sparse.py), and Adam's element-wise passes run at
+        # full speed only when a parameter and its gradient share one memory layout.
+        self.W_enc = nn.Parameter(W_dec.clone().transpose(1, 2))
         self.b_enc = nn.Parameter(torch.zeros(self.S, d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.S, d_vit))
         self.register_buffer("scale", torch.ones(self.S))
@@ -150,10 +152,10 @@ class Stack(nn.Module, abc.ABC):
     def hp(self, key: str) -> Tensor:
         return getattr(self, f"hp_{key}")
 
-    def hp_max(self, key: str) -> int:
-        """Largest value of an integer hyperparameter over the members, from the Python config
+    def hp_ints(self, key: str) -> list[int]:
+        """An integer hyperparameter of every member, capped at d_sae, from the Python config
         (reading it from the [S] tensor would synchronise with the GPU every step)."""
-        return max(int(m[key]) for m in self.members)
+        return [min(int(m[key]), self.d_sae) for m in self.members]
 
     def extra_repr(self) -> str:
         return f"family={self.family}, S={self.S}, d_vit={self.d_vit}, d_sae={self.d_sae}"
@@ -241,9 +243,7 @@ class Stack(nn.Module, abc.ABC):
         """Reconstruction in the scaled space: f W_dec + b_dec, [S, B, d]."""
         if codes.dense is not None:
             return torch.baddbmm(self.b_dec[:, None, :], codes.dense, self.W_dec)
-        if codes.idx is not None:
-            return sparse.decode_fixed(self.W_dec, self.b_dec, codes.idx, codes.vals)
-        return sparse.decode_flat(self.W_dec, self.b_dec, codes.pos, codes.vals, codes.B)
+        return sparse.decode(self.W_dec, self.b_dec, codes.layout, codes.vals)
 
     def _recon_loss(self, xs: Tensor, codes: Codes, recon: Tensor) -> Tensor:
         return (xs - recon).pow(2).sum(-1).mean(-1)

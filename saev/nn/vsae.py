@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from saev.errors import UserError
-from saev.nn import families
+from saev.nn import families, sparse
 from saev.nn.stack import Codes, Stack
 
 
@@ -68,11 +68,11 @@ class VTopKStack(VariationalStack):
     def _encode(self, xs, train, warm):
         S, B = xs.shape[:2]
         z, kl = self._variational(xs, self.pre_acts(xs), train, warm)
-        k = self.hp("k")
-        kmax = min(self.hp_max("k"), self.d_sae)
-        top = z.topk(kmax, dim=-1, sorted=True)
-        vals = torch.relu(top.values) * families._rank_mask(k, kmax)
-        return Codes(S, B, self.d_sae, idx=top.indices, vals=vals), {"kl": kl}, None
+        ks = self.hp_ints("k")
+        with torch.no_grad():
+            layout = sparse.topk_layout(z.topk(max(ks), dim=-1).indices, ks, self.d_sae)
+        vals = torch.relu(z.reshape(-1)[layout.flat])
+        return Codes(S, B, self.d_sae, layout=layout, vals=vals), {"kl": kl}, None
 
 
 class VGatedStack(VariationalStack):

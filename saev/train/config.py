@@ -130,12 +130,14 @@ class Config:
     """Sweep TOML (docs/sweep.md); any list value is a grid axis. Flags you give explicitly override it."""
     data: DataConfig = DataConfig()
     sae: SaeConfig = SaeConfig()
-    lr: float = 4e-4
-    """Peak learning rate (Adam)."""
+    lr: float | None = None
+    """Peak learning rate (Adam); None: 1e-3 / sqrt(d_sae / 2^14), e.g. 1.6e-3 at d_sae 6144 (docs/train.md)."""
     lr_warmup: int | None = None
     """Tokens of linear learning-rate warmup; None: 1M tokens or 5% of n_train, whichever is smaller."""
-    lr_decay: Decay = "cosine"
-    """Learning-rate decay after warmup, down to lr * min_lr_frac at n_train."""
+    lr_decay: Decay = "linear"
+    """Shape of the learning-rate decay over the last lr_decay_frac of the run, down to lr * min_lr_frac."""
+    lr_decay_frac: float = 0.2
+    """Fraction of n_train, at its end, over which the learning rate decays (1: from the end of warmup)."""
     min_lr_frac: float = 0.0
     """Final learning rate as a fraction of the peak."""
     grad_clip: float = 1.0
@@ -144,6 +146,9 @@ class Config:
     """Training tokens (batches are drawn from the shuffled train split, epochs repeat)."""
     seed: int = 0
     """Seed of the SAE's initialisation (per member)."""
+    dtype: typing.Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the training matmuls: bfloat16 runs them under autocast (weights, Adam
+    state, losses and metrics stay float32; docs/train.md has the speed and FVU either way)."""
     n_init_sample: int = 100_000
     """Tokens sampled once to estimate the input scale and to initialise b_dec."""
     n_eval: int = 1_000_000
@@ -178,7 +183,7 @@ PASS_KEYS = (
 )
 """Keys that decide which batches are read: members agreeing on them share one pass."""
 
-STACK_KEYS = ("sae.family", "sae.exp_factor", "sae.base", "sae.prefix_fracs")
+STACK_KEYS = ("sae.family", "sae.exp_factor", "sae.base", "sae.prefix_fracs", "dtype")
 """Keys that decide the parameter shapes: members agreeing on them (within a pass) form one stack."""
 
 RUN_KEYS = ("sweep", "run_root", "resume", "device", "ckpt_every", "log_every")

@@ -26,7 +26,7 @@ from saev.shards import Shards
 from saev.shards.shuffled import ShuffledLoader, split_images
 from saev.train import sweep
 from saev.train.log import MemberLog
-from saev.train.schedules import lr_at, lr_warmup_tokens, warmup_frac
+from saev.train.schedules import default_lr, lr_at, lr_warmup_tokens, warmup_frac
 
 logger = logging.getLogger("saev.train")
 
@@ -63,8 +63,14 @@ def open_pass(p: sweep.Pass) -> PassData:
     return PassData(shards, loader, layer, len(eval_idx))
 
 
+def peak_lr(m: sweep.Member, d_sae: int) -> float:
+    """The member's peak learning rate: `lr` as given, or the width-scaled default."""
+    return m.cfg.lr if m.cfg.lr is not None else default_lr(d_sae)
+
+
 def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.Path) -> dict:
     c = m.cfg.data
+    d_sae = m.cfg.sae.exp_factor * data.shards.md.d_vit
     return {
         "layer": data.layer,
         "tokens": c.tokens,
@@ -72,6 +78,7 @@ def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.
         "shard_root": str(pathlib.Path(c.shard_root).resolve()),  # usable from any directory
         "split": {"eval_frac": c.eval_frac, "seed": c.split_seed, "n_eval_imgs": data.n_eval_imgs},
         "train": sweep.to_dict(m.cfg),
+        "lr": peak_lr(m, d_sae),
         "member": m.name,
         "run": run_dir.name,
     }
@@ -102,11 +109,12 @@ def train_pass(
         )
         for g in p.groups
     ]
+    peaks = [
+        [peak_lr(m, s.d_sae) for m in g.members] for g, s in zip(p.groups, stacks, strict=True)
+    ]
     opts = [
-        saev.nn.StackAdam(
-            s, lr=[m.cfg.lr for m in g.members], max_grad_norm=[m.cfg.grad_clip for m in g.members]
-        )
-        for g, s in zip(p.groups, stacks, strict=True)
+        saev.nn.StackAdam(s, lr=lr, max_grad_norm=[m.cfg.grad_clip for m in g.members])
+        for g, s, lr in zip(p.groups, stacks, peaks, strict=True)
     ]
     status: dict[str, dict] = {m.name: {"status": "ok", "ckpt_step": None} for m in p.members}
     step = 0
@@ -175,22 +183,24 @@ def train_pass(
             x = x.to(device, non_blocking=True)
             seen = step * B
             log_now = (step + 1) % run_cfg.log_every == 0 or step + 1 == n_steps
-            for g, s, opt, gl in zip(p.groups, stacks, opts, logs, strict=True):
+            for g, s, opt, gl, peak in zip(p.groups, stacks, opts, logs, peaks, strict=True):
                 ms = g.members
                 lrs = [
                     lr_at(
                         seen,
-                        lr=m.cfg.lr,
+                        lr=lr,
                         warmup=lr_warmup_tokens(m.cfg.lr_warmup, m.cfg.n_train),
                         n_train=m.cfg.n_train,
                         decay=m.cfg.lr_decay,
+                        decay_frac=m.cfg.lr_decay_frac,
                         min_frac=m.cfg.min_lr_frac,
                     )
-                    for m in ms
+                    for m, lr in zip(ms, peak, strict=True)
                 ]
                 warm = [warmup_frac(seen, m.cfg.sae.sparsity_warmup) for m in ms]
                 opt.set_lr(lrs)
-                out = s(x, warmup=torch.tensor(warm, device=device))
+                with autocast(device, g.cfg.dtype):
+                    out = s(x, warmup=torch.tensor(warm, device=device))
                 opt.zero_grad()
                 out.losses["total"].sum().backward()
                 newly = opt.step(out.losses["total"])
@@ -257,6 +267,11 @@ def train_pass(
                 log.close()
     checkpoint(final=True)
     return status
+
+
+def autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """Mixed precision for a group's forward pass: its matmuls in bfloat16, the rest float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 class Interrupt:

@@ -9,6 +9,7 @@
 """
 
 import json
+import math
 import pathlib
 
 import torch
@@ -19,7 +20,7 @@ from saev.evaluate import evaluate_ckpts, write_outputs
 from saev.helpers import atomic_write_json, atomic_write_text, resolve_device, short_hash
 from saev.train import sweep
 from saev.train.config import Config, DataConfig, SaeConfig, WandbConfig
-from saev.train.loop import open_pass, train_pass
+from saev.train.loop import PassData, open_pass, train_pass
 
 __all__ = ["Config", "DataConfig", "SaeConfig", "WandbConfig", "main", "train"]
 
@@ -36,6 +37,7 @@ def train(cfg: Config) -> pathlib.Path:
     run_dir, members, saved = prepare(cfg)
     passes = sweep.group(members)
     datas = [open_pass(p) for p in passes]  # a bad shard directory or layer fails here
+    check_widths(passes, datas)
     run_dir.mkdir(parents=True, exist_ok=True)
     print(sweep.plan_text(passes))
     print(f"run directory: {run_dir}")
@@ -106,21 +108,7 @@ def prepare(cfg: Config) -> tuple[pathlib.Path, list[sweep.Member], dict | None]
 
     members = sweep.expand(cfg)
     for m in members:
-        if m.cfg.data.shard_root is None:
-            raise UserError(
-                "no shard directory: pass --data.shard-root DIR (or set shard_root in the "
-                "sweep's [data] table)."
-            )
-        if m.cfg.data.batch_size < 1 or m.cfg.n_train < 1:
-            raise UserError(
-                f"member {m.name}: batch_size={m.cfg.data.batch_size} and n_train={m.cfg.n_train} must be >= 1."
-            )
-        warmup = m.cfg.lr_warmup
-        if warmup is not None and not 0 <= warmup < m.cfg.n_train:
-            raise UserError(
-                f"member {m.name}: lr_warmup={warmup:,} tokens must be >= 0 and below n_train={m.cfg.n_train:,}, "
-                "or the learning rate never reaches its peak; lower it or leave it unset (default: min(1M, 5% of n_train))."
-            )
+        check_member(m)
     run_dir = cfg.run_root / short_hash([sweep.canonical(m.cfg) for m in members])
     if (run_dir / RUN_FILE).is_file():
         done = (run_dir / "summary.json").is_file()
@@ -129,6 +117,54 @@ def prepare(cfg: Config) -> tuple[pathlib.Path, list[sweep.Member], dict | None]
             f"config; {'see its summary.json, or ' if done else ''}continue it with --resume {run_dir}."
         )
     return run_dir, members, None
+
+
+def check_member(m: sweep.Member) -> None:
+    """Refuse trainer settings that cannot train (before anything is written)."""
+    c = m.cfg
+    if c.data.shard_root is None:
+        raise UserError(
+            "no shard directory: pass --data.shard-root DIR (or set shard_root in the "
+            "sweep's [data] table)."
+        )
+    if c.data.batch_size < 1 or c.n_train < 1:
+        raise UserError(
+            f"member {m.name}: batch_size={c.data.batch_size} and n_train={c.n_train} must be >= 1."
+        )
+    checks = [
+        ("lr", c.lr, c.lr is None or (math.isfinite(c.lr) and c.lr > 0), "a finite number > 0"),
+        ("grad_clip", c.grad_clip, math.isfinite(c.grad_clip) and c.grad_clip >= 0, ">= 0"),
+        ("lr_decay_frac", c.lr_decay_frac, 0 <= c.lr_decay_frac <= 1, "in [0, 1]"),
+        ("min_lr_frac", c.min_lr_frac, 0 <= c.min_lr_frac <= 1, "in [0, 1]"),
+        ("sae.exp_factor", c.sae.exp_factor, c.sae.exp_factor >= 1, "an integer >= 1"),
+        ("sae.sparsity_warmup", c.sae.sparsity_warmup, c.sae.sparsity_warmup >= 0, ">= 0"),
+        ("data.eval_frac", c.data.eval_frac, 0 <= c.data.eval_frac < 1, "in [0, 1)"),
+        ("n_init_sample", c.n_init_sample, c.n_init_sample >= 1, ">= 1"),
+    ]
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise UserError(f"member {m.name}: {key}={value!r}; expected {expected}.")
+    warmup = c.lr_warmup
+    if warmup is not None and not 0 <= warmup < c.n_train:
+        raise UserError(
+            f"member {m.name}: lr_warmup={warmup:,} tokens must be >= 0 and below n_train={c.n_train:,}, "
+            "or the learning rate never reaches its peak; lower it or leave it unset (default: min(1M, 5% of n_train))."
+        )
+    sweep.hparams(c)  # the family's hyperparameters, checked
+
+
+def check_widths(passes: list[sweep.Pass], datas: list[PassData]) -> None:
+    """k and the other per-token counts must fit in the SAE's width (d_sae = exp_factor*d_vit)."""
+    for p, data in zip(passes, datas, strict=True):
+        for m in p.members:
+            d_sae = m.cfg.sae.exp_factor * data.shards.md.d_vit
+            k = sweep.hparams(m.cfg).get("k")
+            if k is not None and k > d_sae:
+                raise UserError(
+                    f"member {m.name}: k={k} is more than the SAE's {d_sae} latents "
+                    f"(exp_factor {m.cfg.sae.exp_factor} x d_vit {data.shards.md.d_vit}); "
+                    "lower k or widen the SAE."
+                )
 
 
 def evaluate_run(

@@ -3,12 +3,32 @@
 Schedules are written in tokens, not steps, so a sweep over batch sizes keeps the same
 warmup in data terms. They are pure functions so that a resumed run recomputes exactly the
 value an uninterrupted run would have used at that step.
+
+The default learning-rate schedule is warmup, hold, decay: a short linear warmup, the peak
+held for most of the run, and a decay over its last `decay_frac` (20%), as dictionary_learning
+and OpenAI's TopK recipe do. Decaying from the end of warmup (cosine over the whole run) spends
+most tokens at a fraction of the peak and gave clearly worse SAEs per token
+(docs/benchmarks.md, "Training recipe").
 """
 
 import math
 import typing
 
-Decay = typing.Literal["cosine", "linear", "constant"]
+Decay = typing.Literal["linear", "cosine", "constant"]
+
+DEFAULT_LR_BASE = 1e-3
+"""Peak Adam learning rate of an SAE with 2^14 latents; see `default_lr`."""
+
+
+def default_lr(d_sae: int, base: float = DEFAULT_LR_BASE) -> float:
+    """`base / sqrt(d_sae / 2^14)`: the width scaling of Gao et al. (2024) and dictionary_learning.
+
+    Wider SAEs share the same gradient signal among more latents, each updated less often, and
+    want a smaller step; halving the learning rate per 4x width is the empirical rule both use.
+    The base is higher than their 2e-4 because saev scales inputs to E||x|| = sqrt(d_vit)
+    (coordinates of order 1) where they train on raw activations.
+    """
+    return base / math.sqrt(d_sae / 2**14)
 
 
 def lr_at(
@@ -17,15 +37,18 @@ def lr_at(
     lr: float,
     warmup: int,
     n_train: int,
-    decay: Decay = "cosine",
+    decay: Decay = "linear",
+    decay_frac: float = 0.2,
     min_frac: float = 0.0,
 ) -> float:
-    """Linear warmup from 0 to `lr` over `warmup` tokens, then decay to `min_frac * lr` at `n_train`."""
+    """Linear warmup from 0 to `lr` over `warmup` tokens, hold, then decay over the last
+    `decay_frac` of `n_train` to `min_frac * lr` (`decay_frac` 1: decay right after warmup)."""
     if warmup > 0 and tokens < warmup:
         return lr * (tokens + 1) / warmup
-    if decay == "constant" or n_train <= warmup:
+    start = max(warmup, n_train - int(decay_frac * n_train))
+    if decay == "constant" or tokens < start or n_train <= start:
         return lr
-    progress = min(1.0, (tokens - warmup) / (n_train - warmup))
+    progress = min(1.0, (tokens - start) / (n_train - start))
     if decay == "linear":
         shape = 1.0 - progress
     elif decay == "cosine":

@@ -393,7 +393,12 @@ def group(members: list[Member]) -> list[Pass]:
         pkey = tuple(str(get(m.cfg, k)) for k in PASS_KEYS)
         hp = hparams(m.cfg)
         structural = sorted(saev.nn.GROUP_HPARAMS[m.cfg.sae.family])
-        skey = (m.cfg.sae.family, m.cfg.sae.exp_factor, *(str(hp[k]) for k in structural))
+        skey = (
+            m.cfg.sae.family,
+            m.cfg.sae.exp_factor,
+            m.cfg.dtype,
+            *(str(hp[k]) for k in structural),
+        )
         passes.setdefault(pkey, {}).setdefault(skey, []).append(m)
     return [
         Pass(i, [Group(ms) for ms in stacks.values()]) for i, stacks in enumerate(passes.values())
@@ -419,7 +424,9 @@ def plan_text(passes: list[Pass]) -> str:
             differs = [k for k in differs if k not in PASS_KEYS]
             lines.append(
                 f"  group {gi}: {g.cfg.sae.family} x{len(g.members)} "
-                f"(exp_factor={g.cfg.sae.exp_factor})"
+                f"(exp_factor={g.cfg.sae.exp_factor}"
+                + (f", dtype={g.cfg.dtype}" if g.cfg.dtype != "float32" else "")
+                + ")"
                 + (f"; differs in {', '.join(differs)}" if differs else "")
             )
             for m in g.members:
