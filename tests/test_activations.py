@@ -157,11 +157,14 @@ def test_bad_input_gives_one_line(tmp_path, demo_root, capsys):
     (imgs / "bad.png").write_bytes(b"garbage")
     labels = tmp_path / "labels.csv"
     labels.write_text("file,age\nnothing.png,3\n")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("file,city\nbad.png,Orl\xe9ans\n".encode("latin-1"))
     dump = tmp_path / "dump"
     folder = ["images:folder", "--images.root", str(imgs)]
     cases = [
         ([*BASE, "images:folder", "--images.root", str(tmp_path / "nope")], "no such directory"),
         ([*BASE, *folder, "--images.labels", str(labels)], "none of its 1 'file' values match"),
+        ([*BASE, *folder, "--images.labels", str(latin1)], "latin1.csv: not UTF-8 (line 2 has"),
         ([*BASE[:3], "vit_tinyy", *BASE[4:], *folder], "timm has no model 'vit_tinyy'"),
         ([*BASE[:6], "9", *BASE[8:], *folder], "--vit-layers 9 is out of range"),
         ([*BASE, "--strict", *folder], "bad.png: unreadable image"),
@@ -206,3 +209,188 @@ def test_slurm_submission_through_submitit(tmp_path, demo_root):
     for job in jobs:
         job.result()
     assert Shards(only_dir(tmp_path / "dump")).n_imgs == N_IMGS
+
+
+def snapshot(root: pathlib.Path) -> dict:
+    """Every file under `root` (hidden ones too) with its bytes and modification time."""
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# test_vit has 101 tokens per image: 202 patches per shard = 2 images per shard.
+SMALL = [{"2000": "202"}.get(a, a) for a in BASE]
+
+
+@pytest.fixture
+def small_folder(tmp_path, demo_root):
+    """Five demo images in a folder, and a label CSV for them."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, name in enumerate("abcde"):
+        (imgs / f"{name}.png").write_bytes((demo_root / "images" / f"{i:05d}.png").read_bytes())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,animal\n" + "".join(f"{n}.png,{n}at\n" for n in "abcde"))
+    return imgs, labels
+
+
+def test_changed_dataset_is_refused_and_nothing_changes(tmp_path, small_folder, capsys):
+    imgs, labels = small_folder
+    dump = tmp_path / "dump"
+    args = ["activations", *SMALL, "--dump-to", str(dump), "images:folder"]
+    args += ["--images.root", str(imgs), "--images.labels", str(labels)]
+    assert run(args) == 0
+    out = only_dir(dump)
+    md = json.loads((out / "metadata.json").read_text())
+    assert md["fingerprint"]["n_files"] == 5
+    assert (out / "files.tsv").read_text().splitlines()[:2] == [
+        "path\tbytes",
+        f"a.png\t{(imgs / 'a.png').stat().st_size}",
+    ]
+    capsys.readouterr()
+    before = snapshot(out)
+
+    def refused(message: str) -> None:
+        assert run(args) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n", err
+        assert snapshot(out) == before
+
+    tail = "restore them, or record into another --dump-to directory (nothing was changed)."
+    head = f"--images.root {imgs} no longer holds the images recorded in {out}"
+    (imgs / "b.png").rename(imgs / "z.png")  # same count, another name
+    refused(f"{head}: 2 of 5 files differ (1 gone, first 'b.png'; 1 new, first 'z.png'); {tail}")
+    (imgs / "z.png").rename(imgs / "b.png")
+    c = (imgs / "c.png").read_bytes()
+    (imgs / "c.png").write_bytes((imgs / "d.png").read_bytes())  # replaced by another image
+    sizes = (len(c), (imgs / "d.png").stat().st_size)
+    refused(
+        f"{head}: 1 of 5 files differ (1 changed size, first 'c.png' ({sizes[0]} bytes "
+        f"recorded, {sizes[1]} now)); {tail}"
+    )
+    (imgs / "c.png").write_bytes(c)
+
+    labels.write_text(labels.read_text().replace("d.png,dat", "d.png,dog"))
+    refused(
+        f"{labels}: the labels differ from {out / 'images.csv'} (1 images differ; first: "
+        "'d.png' animal 'dat' recorded, 'dog' now); pass --relabel to re-attach the new labels "
+        "(the activations are kept), or restore the old ones (nothing was changed)."
+    )
+    # Re-attaching labels on purpose rewrites images.csv and the fingerprint, nothing else.
+    assert run(["activations", "--relabel", *args[1:]]) == 0
+    assert "re-attached the labels of 5 images" in capsys.readouterr().out
+    after = snapshot(out)
+    assert {k for k in before if before[k] != after.get(k)} == {"images.csv", "metadata.json"}
+    assert Shards(out).images.labels("animal")[3] == "dog"
+    new_md = json.loads((out / "metadata.json").read_text())
+    assert new_md["fingerprint"]["files"] == md["fingerprint"]["files"]
+    assert new_md["fingerprint"]["labels"] != md["fingerprint"]["labels"]
+    assert run(args) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_directory_from_before_fingerprints_is_checked_by_its_index(tmp_path, small_folder, capsys):
+    imgs, labels = small_folder
+    dump = tmp_path / "dump"
+    args = ["activations", *SMALL, "--dump-to", str(dump), "images:folder"]
+    args += ["--images.root", str(imgs)]
+    assert run(args) == 0
+    out = only_dir(dump)
+    # As an earlier saev wrote it: no fingerprint, no files.tsv.
+    md = json.loads((out / "metadata.json").read_text())
+    del md["fingerprint"]
+    (out / "metadata.json").write_text(json.dumps(md))
+    (out / "files.tsv").unlink()
+    assert run(args) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert "fingerprint" not in json.loads((out / "metadata.json").read_text())
+    before = snapshot(out)
+    (imgs / "e.png").rename(imgs / "f.png")
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "2 of 5 files differ (1 gone, first 'e.png'; 1 new, first 'f.png')" in err
+    assert snapshot(out) == before
+
+
+def test_second_run_into_the_same_shards_is_refused(tmp_path, small_folder, capsys):
+    import os
+    import socket
+
+    from saev.shards import ShardWriter
+
+    imgs, _ = small_folder
+    (imgs / "up").symlink_to(".")  # a loop: walked once, and listed
+    dump = tmp_path / "dump"
+    args = ["activations", *SMALL, "--dump-to", str(dump), "images:folder"]
+    args += ["--images.root", str(imgs)]
+    assert run(args) == 0
+    out = only_dir(dump)
+    assert Shards(out).n_imgs == 5
+    assert (
+        out / "skipped.txt"
+    ).read_text() == "up/\tlink to ./ inside the root, walked once there\n"
+    capsys.readouterr()
+    # Another run holds the lock of shards 0..1 (one --n-jobs part of two).
+    holder = ShardWriter(out, Shards(out).md, shards=range(0, 2))
+    before = snapshot(out)
+    assert run(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out}: shards 0..1 are being written by another `saev activations` (pid "
+        f"{os.getpid()} on host {socket.gethostname()}); wait for it to end or stop it, then "
+        "re-run.\n"
+    )
+    assert snapshot(out) == before
+    # The other part's range is free.
+    assert run([*args[:1], "--n-jobs", "2", "--job-index", "1", *args[1:]]) == 0
+    assert "nothing to do: shards 2..2" in capsys.readouterr().out
+    holder.close()
+    assert run(args) == 0
+
+
+KILLER = """
+import os, sys, time
+from saev.__main__ import run
+from saev.shards import Metadata, read_status
+from saev.vits import Recorder
+
+real, calls = Recorder.record, [0]
+def record(self, imgs):
+    calls[0] += 1
+    if calls[0] == 3:  # shards 0 and 1 are written; wait until they are marked, then die
+        dump = sys.argv[sys.argv.index("--dump-to") + 1]
+        (out,) = [os.path.join(dump, d) for d in os.listdir(dump)]
+        md = Metadata.load(out)
+        while not all(read_status(out, md)[:2]):
+            time.sleep(0.01)
+        os._exit(9)  # as kill -9: no finally, no atexit
+    return real(self, imgs)
+Recorder.record = record
+run(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_skip_log_survives_kill_9_and_resume(tmp_path, small_folder, capsys):
+    import os
+    import subprocess
+    import sys
+
+    imgs, _ = small_folder
+    # a0.png passes the header check but fails to decode: recorded black, listed in skipped.txt.
+    (imgs / "a0.png").write_bytes((imgs / "a.png").read_bytes()[:200])
+    dump = tmp_path / "dump"
+    args = ["activations", *SMALL, "--batch-size", "2", "--dump-to", str(dump), "images:folder"]
+    args += ["--images.root", str(imgs)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()
+    out = only_dir(dump)
+    status = json.loads((out / "shards.json").read_text())["shards"]
+    assert [s["complete"] for s in status] == [True, True, False]
+    assert run(args) == 0
+    assert "resuming at image 4 (shard 2)" in capsys.readouterr().out
+    assert (out / "skipped.txt").read_text() == (
+        "a0.png\tcould not decode; recorded as a black image\n"
+    )

@@ -113,3 +113,70 @@ def test_fairface_all_records_both_splits_with_a_split_column(tmp_path):
     assert il.labels["split"] == ["train"] * 3 + ["val"] * 3
     assert list(il.labels) == ["age", "gender", "race", "service_test", "split"]
     assert il.data["split"] == "all"
+
+
+def test_folder_walks_each_real_directory_once(folder, tmp_path):
+    want = ["0.png", "2.png", "4.png", "sub/1.png", "sub/3.png", "sub/5.png"]
+    (folder / "sub" / "up").symlink_to("..")  # a loop: each image once, not once per lap
+    il = Folder(root=folder).load()
+    assert il.paths == want
+    assert ("sub/up/", "link to ./ inside the root, walked once there") in il.skipped
+    # A second name for a folder inside the root, and two links to one folder outside it.
+    (folder / "alias").symlink_to("sub")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(folder / "0.png", outside / "x.png")
+    (folder / "ext1").symlink_to(outside)
+    (folder / "ext2").symlink_to(outside)
+    il = Folder(root=folder).load()
+    assert il.paths == sorted([*want, "ext1/x.png"])
+    dirs = {p: why for p, why in il.skipped if p.endswith("/")}
+    assert dirs == {
+        "alias/": "link to sub/ inside the root, walked once there",
+        "ext2/": "directory already walked by another path (a link loop?)",
+        "sub/up/": "link to ./ inside the root, walked once there",
+    }
+
+
+@pytest.mark.parametrize("kind", ["folder", "fairface"])
+def test_label_csv_that_is_not_utf8_is_one_line(folder, tmp_path, kind):
+    if kind == "folder":
+        csv = tmp_path / "labels.csv"
+        csv.write_bytes("file,city\n0.png,Orl\xe9ans\nsub/1.png,Paris\n".encode("cp1252"))
+        load = Folder(root=folder, labels=csv).load
+    else:
+        root = make_fairface(tmp_path, n=2)
+        csv = root / "fairface_label_val.csv"
+        csv.write_bytes(csv.read_bytes().replace(b"White", b"Caf\xe9", 1))
+        load = FairFace(root=root, split="val").load
+    with pytest.raises(UserError) as err:
+        load()
+    assert str(err.value) == (
+        f"{csv}: not UTF-8 (line 2 has byte 0xe9, likely CP1252); convert it, e.g. "
+        f"`iconv -f CP1252 -t UTF-8 {csv} > labels-utf8.csv`."
+    )
+    csv.write_bytes("file,city\n0.png,Paris\n".encode("utf-16"))
+    with pytest.raises(UserError, match="not UTF-8 \\(it starts with a UTF-16 byte-order mark"):
+        load()
+
+
+def test_label_csv_with_a_byte_order_mark(folder, tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes("file,city\n0.png,Orléans\n".encode("utf-8-sig"))  # as Excel saves it
+    assert Folder(root=folder, labels=csv).load().labels["city"][0] == "Orléans"
+
+
+def test_fingerprint_tracks_files_and_labels_apart(folder, tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,age\n0.png,1\n")
+    base = Folder(root=folder, labels=csv).load()
+    fp = base.fingerprint()
+    assert fp["n_files"] == 6 and len(fp["files"]) == len(fp["labels"]) == 64
+    assert base.sizes == [(folder / p).stat().st_size for p in base.paths]
+    assert Folder(root=folder, labels=csv).load().fingerprint() == fp  # deterministic
+    csv.write_text("file,age\n0.png,2\n")
+    relabelled = Folder(root=folder, labels=csv).load().fingerprint()
+    assert relabelled["files"] == fp["files"] and relabelled["labels"] != fp["labels"]
+    (folder / "2.png").rename(folder / "2b.png")  # same count, another name
+    renamed = Folder(root=folder, labels=csv).load().fingerprint()
+    assert renamed["n_files"] == 6 and renamed["files"] != fp["files"]

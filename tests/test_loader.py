@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saev.errors import UserError
-from saev.shards import Metadata, Shards, ShardWriter
+from saev.shards import Metadata, Shards, ShardWriter, iter_images
 from saev.shards.shuffled import ShuffledLoader, split_images
 
 
@@ -162,3 +162,75 @@ def test_held_batches_are_never_overwritten(tmp_path):
     first = [x.clone() for x in loader.batches(n_epochs=1)]
     again = list(loader.batches(n_epochs=1))
     assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+
+
+def poison(root, md, img, layer_pos, token, dim, value) -> None:
+    """Overwrite one stored value of a shard directory (as a damaged recording would hold)."""
+    shard_i, row = divmod(img, md.n_imgs_per_shard)
+    acts = np.memmap(
+        root / md.shard_file(shard_i),
+        mode="r+",
+        dtype=md.np_dtype,
+        shape=(md.n_imgs_in(shard_i), *md.img_shape),
+    )
+    acts[row, layer_pos, token, dim] = value
+    acts.flush()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "why"),
+    [
+        (
+            "float32",
+            np.nan,
+            "re-record it with `saev activations` (the ViT gave it, or the file is damaged)",
+        ),
+        ("float16", -np.inf, "float16 overflowed while recording: re-record with --dtype float32"),
+    ],
+)
+def test_nonfinite_activation_stops_every_loader_with_one_line(tmp_path, dtype, value, why):
+    shards = make_shards(tmp_path / "s", dtype=dtype)
+    poison(tmp_path / "s", shards.md, img=7, layer_pos=1, token=2, dim=4, value=value)
+    shards = Shards(tmp_path / "s")  # opening does not read the data
+    want = (
+        f"{tmp_path / 's' / 'acts000001.bin'}: activation {float(value)} at image 7, layer 3, "
+        f"token 2, dim 4 is not finite; {why}."
+    )
+    kw = dict(layer=3, batch_size=7, chunk_mb=1e-4, buffer_mb=3e-3, n_threads=2)
+    for loader in (ShuffledLoader(shards, **kw), ShuffledLoader(shards, shuffle=False, **kw)):
+        with pytest.raises(UserError) as err:
+            _drain_raising(loader)
+        assert str(err.value) == want
+    with pytest.raises(UserError) as err:
+        ShuffledLoader(shards, **kw).sample(10**6)
+    assert str(err.value) == want
+    with pytest.raises(UserError) as err:
+        list(iter_images(shards, 3, batch_size=4))
+    assert str(err.value) == want
+    # The other layer and images without it are fine; so is a split that leaves image 7 out.
+    assert sum(len(i) for i, _ in iter_images(shards, 1, batch_size=4)) == 23
+    imgs = np.array([i for i in range(shards.n_imgs) if i != 7])
+    assert len(_drain(ShuffledLoader(shards, imgs=imgs, **kw), n_epochs=1)) > 0
+
+
+def _drain_raising(loader):
+    """Run one epoch in this thread (the loader's own threads must hand errors over)."""
+    for _ in loader.batches(n_epochs=1):
+        pass
+
+
+def test_train_stops_on_nonfinite_shards_with_one_line(tmp_path, capsys):
+    from saev.__main__ import run
+
+    shards = make_shards(tmp_path / "s", layers=(3,), n_patches=16, d=8, n_imgs=40, per_shard=8)
+    poison(tmp_path / "s", shards.md, img=21, layer_pos=0, token=5, dim=0, value=np.inf)
+    argv = ["train", "--data.shard-root", str(tmp_path / "s"), "--data.layer", "3"]
+    argv += ["--sae.family", "topk", "--sae.exp-factor", "2", "--sae.k", "2", "--n-train", "2048"]
+    argv += ["--data.batch-size", "64", "--run-root", str(tmp_path / "runs"), "--device", "cpu"]
+    assert run([*argv, "--n-init-sample", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {tmp_path / 's' / 'acts000002.bin'}: activation inf at image 21, layer 3, "
+        "token 5, dim 0 is not finite; re-record it with `saev activations` (the ViT gave it, "
+        "or the file is damaged).\n"
+    )

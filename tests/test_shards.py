@@ -1,13 +1,23 @@
 """saev.shards: Metadata, ShardWriter, Shards, ImageIndex, iter_images, reference saev 0.1 dirs."""
 
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from saev.errors import UserError
-from saev.shards import LEGACY, PROTOCOL, ImageIndex, Metadata, Shards, ShardWriter, iter_images
+from saev.shards import (
+    LEGACY,
+    PROTOCOL,
+    ImageIndex,
+    Metadata,
+    Shards,
+    ShardWriter,
+    iter_images,
+    read_status,
+)
 
 
 def make_md(**kw) -> Metadata:
@@ -239,3 +249,188 @@ def test_later_reference_layout_counts_cls_slot_only_when_present(tmp_path, cls_
     shards = Shards(tmp_path)
     assert shards.md.n_imgs_per_shard == per_shard
     np.testing.assert_array_equal(shards.img_acts(4), acts[4])
+
+
+def snapshot(root) -> dict:
+    """Every file under `root` (hidden ones too) with its bytes and modification time."""
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_second_writer_of_a_shard_range_is_refused(tmp_path):
+    import os
+    import socket
+
+    md = make_md()
+    acts = acts_for(md)
+    w1 = ShardWriter(tmp_path, md)
+    w1.write(acts[:6])  # shard 0 complete, shard 1 half written
+    with pytest.raises(UserError) as err:
+        ShardWriter(tmp_path, md)
+    assert str(err.value) == (
+        f"{tmp_path}: shards 0..2 are being written by another `saev activations` "
+        f"(pid {os.getpid()} on host {socket.gethostname()}); wait for it to end or stop it, "
+        "then re-run."
+    )
+    with pytest.raises(UserError, match="shards 0..2 are being written"):
+        ShardWriter(tmp_path, md, shards=range(2, 3))  # overlaps
+    w1.write(acts[6:])
+    w1.close()
+    # Closed: the lock is gone and the directory is as one writer left it.
+    assert not list(tmp_path.glob(".writer.*"))
+    np.testing.assert_array_equal(Shards(tmp_path).img_acts(7), acts[7])
+    assert ShardWriter(tmp_path, md).done
+
+
+def test_refused_writer_changes_nothing(tmp_path):
+    md = make_md()
+    w1 = ShardWriter(tmp_path, md, shards=range(0, 2))
+    w1.write(acts_for(md)[:4])
+    deadline = time.monotonic() + 30
+    while not read_status(tmp_path, md)[0]:  # until the writer is idle, its shard done
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"shards 0..1 are being written .*\(pid \d+ on host "):
+        ShardWriter(tmp_path, md)
+    assert snapshot(tmp_path) == before
+    w1.abort()
+
+
+def test_job_parts_lock_only_their_own_range(tmp_path):
+    md = make_md(n_imgs=11, n_imgs_per_shard=2)  # 6 shards
+    acts = acts_for(md)
+    parts = [ShardWriter(tmp_path, md, shards=r) for r in (range(0, 3), range(3, 6))]
+    assert sorted(p.name for p in tmp_path.glob(".writer.*")) == [
+        ".writer.000000-000003.lock",
+        ".writer.000003-000006.lock",
+    ]
+    for w in reversed(parts):  # side by side, in any order
+        w.write(acts[w.start_img : w.stop_img])
+    for w in parts:
+        w.close()
+    np.testing.assert_array_equal(np.stack([Shards(tmp_path).img_acts(i) for i in range(11)]), acts)
+
+
+def test_lock_of_a_killed_writer_is_taken_over(tmp_path):
+    md = make_md()
+    write(tmp_path, md, acts_for(md))
+    # A kill -9 leaves the lock file, but the OS has dropped its lock with the process.
+    stale = tmp_path / ".writer.000001-000002.lock"
+    stale.write_text("pid 999999 on host elsewhere\n")
+    w = ShardWriter(tmp_path, md)
+    assert not stale.exists() and w.done
+    w.close()
+    assert not list(tmp_path.glob(".writer.*"))
+
+
+def test_skip_notes_are_kept_per_shard_across_a_crash(tmp_path):
+    from saev.shards import read_skipped
+
+    md = make_md()
+    acts = acts_for(md)
+    before = [("notes.txt", "not an image file")]
+    root = tmp_path / "run"
+    with pytest.raises(RuntimeError), ShardWriter(root, md, skipped=before) as w:
+        w.write(acts[:4], skipped=[(2, "img/2.png", "could not decode")])  # shard 0 done
+        w.write(acts[4:6], skipped=[(5, "img/5.png", "could not decode")])  # shard 1 half
+        raise RuntimeError("killed")
+    # What a kill leaves: shard 0 and its note; shard 1's note went with the unfinished shard.
+    assert read_skipped(root, md) == [("img/2.png", "could not decode")]
+    (root / "skipped.txt").unlink()  # a hard kill may come before any rewrite of it
+    w = ShardWriter(root, md, skipped=before)
+    assert (root / "skipped.txt").read_text() == (
+        "notes.txt\tnot an image file\nimg/2.png\tcould not decode\n"
+    )
+    w.write(acts[4:], skipped=[(5, "img/5.png", "could not decode")])
+    w.close()
+    assert (root / "skipped.txt").read_text().splitlines() == [
+        "notes.txt\tnot an image file",
+        "img/2.png\tcould not decode",
+        "img/5.png\tcould not decode",
+    ]
+    status = json.loads((root / "shards.json").read_text())["shards"]
+    assert [s.get("skipped") for s in status] == [
+        [["img/2.png", "could not decode"]],
+        [["img/5.png", "could not decode"]],
+        None,
+    ]
+    with pytest.raises(ValueError, match="not in this batch"):
+        ShardWriter(tmp_path / "other", md).write(acts[:2], skipped=[(3, "x", "y")])
+
+
+def set_metadata(root, **changes):
+    path = root / "metadata.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"dtype": "float16"},
+            "acts000000.bin: 1,280 bytes, but {root}/metadata.json says 4 images x 2 layers x "
+            "5 tokens x d_vit 8 x float16 = 640 bytes; that is the size of float32 values, or "
+            "of d_vit 16; the file is truncated, or metadata.json does not describe it.",
+        ),
+        (
+            {"d_vit": 16},
+            "acts000000.bin: 1,280 bytes, but {root}/metadata.json says 4 images x 2 layers x "
+            "5 tokens x d_vit 16 x float32 = 2,560 bytes; that is the size of float16 values, "
+            "or of d_vit 8; the file is truncated, or metadata.json does not describe it.",
+        ),
+        ({"dtype": "float64"}, "metadata.json: metadata dtype 'float64' is not one of float32"),
+    ],
+)
+def test_metadata_that_disagrees_with_the_files_is_named(tmp_path, changes, message):
+    md = make_md()
+    write(tmp_path, md, acts_for(md))
+    set_metadata(tmp_path, **changes)
+    with pytest.raises(UserError) as err:
+        Shards(tmp_path)
+    assert message.format(root=tmp_path) in str(err.value)
+    assert "incomplete" not in str(err.value)
+
+
+def test_missing_or_foreign_shards_json_is_named(tmp_path):
+    md = make_md()
+    write(tmp_path, md, acts_for(md))
+    status = tmp_path / "shards.json"
+    status.unlink()
+    with pytest.raises(UserError) as err:
+        Shards(tmp_path)
+    assert str(err.value) == (
+        f"{status}: missing, but all 3 shard files that metadata.json names are present with "
+        "the right sizes (copied without it?); copy shards.json from the original recording."
+    )
+    (tmp_path / "acts000002.bin").unlink()
+    with pytest.raises(UserError, match="missing, and 1 of the 3 shard files .* acts000002.bin"):
+        Shards(tmp_path)
+    for f in tmp_path.glob("acts*.bin"):
+        f.unlink()
+    with pytest.raises(UserError, match="the recording never started"):
+        Shards(tmp_path)
+    # shards.json of another layout (5 shards of 2 images) next to this metadata.json.
+    write(tmp_path, md, acts_for(md))
+    entries = [{"file": md.shard_file(i), "n_imgs": 2, "complete": True} for i in range(5)]
+    status.write_text(json.dumps({"protocol": PROTOCOL, "n_shards": 5, "shards": entries}))
+    with pytest.raises(UserError) as err:
+        Shards(tmp_path)
+    assert str(err.value) == (
+        f"{status}: lists 5 shards (10 images), but {tmp_path}/metadata.json says 3 shards of "
+        "4 images (10 in all); acts000000.bin: 2 images there, 4 in metadata.json; the two "
+        "files are from different recordings."
+    )
+
+
+def test_fingerprint_is_optional_in_metadata(tmp_path):
+    md = make_md()
+    assert "fingerprint" not in md.to_json()  # files written before it existed stay the same
+    fp = {"n_files": 10, "files": "a" * 64, "labels": "b" * 64}
+    with_fp = make_md(fingerprint=fp)
+    assert Metadata.from_json(json.loads(json.dumps(with_fp.to_json()))) == with_fp
+    write(tmp_path, with_fp, acts_for(md))
+    assert Shards(tmp_path).md.fingerprint == fp

@@ -8,6 +8,9 @@ index), so files that are clearly not images are dropped here, up front, and rep
 
 import concurrent.futures
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -46,6 +49,31 @@ class ImageList:
             {"path": p, **{name: col[i] for name, col in self.labels.items()}}
             for i, p in enumerate(self.paths)
         ]
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """Size in bytes of each file, in recording order (one `stat` per file, threaded)."""
+
+        def size(rel: str) -> int:
+            try:
+                return (self.root / rel).stat().st_size
+            except OSError as err:
+                raise UserError(f"{self.root / rel}: cannot stat ({err.strerror}).") from None
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            return list(pool.map(size, self.paths))
+
+    def fingerprint(self) -> dict[str, typing.Any]:
+        """What a recording stores to recognise its dataset (metadata.json `fingerprint`):
+        a sha256 of the files (path and size of each, in recording order) and one of the
+        labels, kept apart because labels may be re-attached without re-recording."""
+        files = "".join(f"{p}\t{n}\n" for p, n in zip(self.paths, self.sizes, strict=True))
+        labels = json.dumps([[name, col] for name, col in self.labels.items()])
+        return {
+            "n_files": len(self.paths),
+            "files": hashlib.sha256(files.encode()).hexdigest(),
+            "labels": hashlib.sha256(labels.encode()).hexdigest(),
+        }
 
 
 def check_root(root: pathlib.Path, flag: str = "--images.root") -> pathlib.Path:
@@ -104,11 +132,86 @@ class ImageDataset(torch.utils.data.Dataset):
             return torch.zeros(3, *self.image_size), i, False
 
 
-def relative_files(root: pathlib.Path) -> list[str]:
-    """Every non-hidden regular file under `root`, relative, sorted (recording order)."""
-    out = []
+def relative_files(root: pathlib.Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every non-hidden file under `root` (resolved), relative, sorted (recording order), and
+    the directories left out, as (path/, reason).
+
+    Directory symlinks are followed, but every real directory is walked once: a link to a
+    directory inside `root` is left to the walk of its real path, and a directory already
+    walked (by device and inode: a loop such as `a/up -> ..`, or two links to one folder
+    outside `root`) is skipped. Otherwise a loop records each image once per way in."""
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seen = {_inode(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = pathlib.Path(dirpath).relative_to(root)
-        out += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
-    return sorted(out)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            path, rel = os.path.join(dirpath, d), (rel_dir / d).as_posix() + "/"
+            if os.path.islink(path) and _walked_in(root, pathlib.Path(os.path.realpath(path))):
+                where = pathlib.Path(os.path.realpath(path)).relative_to(root).as_posix() + "/"
+                skipped.append((rel, f"link to {where} inside the root, walked once there"))
+                continue
+            try:
+                inode = _inode(path)
+            except OSError as err:
+                skipped.append((rel, f"unreadable directory ({err.strerror})"))
+                continue
+            if inode in seen:
+                skipped.append((rel, "directory already walked by another path (a link loop?)"))
+                continue
+            seen.add(inode)
+            keep.append(d)
+        dirnames[:] = keep
+        files += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
+    if skipped:
+        logger.warning(
+            "%s: %d directories walked once only (first: %s %s).", root, len(skipped), *skipped[0]
+        )
+    return sorted(files), skipped
+
+
+def _walked_in(root: pathlib.Path, target: pathlib.Path) -> bool:
+    """Whether the walk of `root` reaches `target` by its real path (not hidden)."""
+    if target != root and root not in target.parents:
+        return False
+    return not any(part.startswith(".") for part in target.relative_to(root).parts)
+
+
+def _inode(path: str | os.PathLike) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def read_csv_text(path: pathlib.Path) -> str:
+    """The text of a label CSV, which must be UTF-8 (a byte-order mark is allowed).
+
+    Anything else stops with one line naming the file, the first bad line and the
+    encoding it most likely is, so the user can convert it (`iconv -f ENC -t UTF-8`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror}).") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            enc, where = "UTF-16", "it starts with a UTF-16 byte-order mark"
+        else:
+            line = data.count(b"\n", 0, err.start) + 1
+            enc = "CP1252" if _decodes(data, "cp1252") else "LATIN1"
+            where = f"line {line} has byte 0x{data[err.start]:02x}, likely {enc}"
+        raise UserError(
+            f"{path}: not UTF-8 ({where}); convert it, e.g. "
+            f"`iconv -f {enc} -t UTF-8 {path} > labels-utf8.csv`."
+        ) from None
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -56,7 +56,7 @@ class Demo:
 
     def load(self, *, strict: bool = False) -> ImageList:
         root = materialise(self)
-        with open(root / "labels.csv", newline="") as fd:
+        with open(root / "labels.csv", newline="", encoding="utf-8") as fd:
             lines = fd.read().splitlines()
         header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
         paths = [r[0] for r in rows]

@@ -11,11 +11,12 @@ column, which is what lets `saev probe` use FairFace's official val split as its
 
 import csv
 import dataclasses
+import io
 import pathlib
 import typing
 
 from saev.errors import UserError
-from saev.images.common import ImageList, check_headers, check_root
+from saev.images.common import ImageList, check_headers, check_root, read_csv_text
 
 COLUMNS = ("file", "age", "gender", "race", "service_test")
 
@@ -58,14 +59,11 @@ def _read_split(
         raise UserError(
             f"{csv_path}: missing; expected the official FairFace label file in --images.root."
         )
-    with open(csv_path, newline="") as fd:
-        reader = csv.DictReader(fd)
-        missing = [c for c in COLUMNS[:4] if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(
-                f"{csv_path}: missing columns {missing}; expected {', '.join(COLUMNS)}."
-            )
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(read_csv_text(csv_path), newline=""))
+    missing = [c for c in COLUMNS[:4] if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{csv_path}: missing columns {missing}; expected {', '.join(COLUMNS)}.")
+    rows = list(reader)
     names = [c for c in reader.fieldnames if c != "file"]
     present, skipped = [], []
     for row in rows:

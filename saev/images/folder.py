@@ -2,11 +2,19 @@
 
 import csv
 import dataclasses
+import io
 import logging
 import pathlib
 
 from saev.errors import UserError
-from saev.images.common import IMAGE_EXTS, ImageList, check_headers, check_root, relative_files
+from saev.images.common import (
+    IMAGE_EXTS,
+    ImageList,
+    check_headers,
+    check_root,
+    read_csv_text,
+    relative_files,
+)
 
 logger = logging.getLogger("saev.images.folder")
 
@@ -22,8 +30,9 @@ class Folder:
 
     def load(self, *, strict: bool = False) -> ImageList:
         root = check_root(self.root)
-        candidates, skipped = [], []
-        for rel in relative_files(root):
+        candidates = []
+        files, skipped = relative_files(root)
+        for rel in files:
             if pathlib.Path(rel).suffix.lower() in IMAGE_EXTS:
                 candidates.append(rel)
             elif strict:
@@ -52,19 +61,16 @@ def read_labels(
     csv_path = pathlib.Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise UserError(f"--images.labels {csv_path}: no such file.")
-    with open(csv_path, newline="") as fd:
-        reader = csv.DictReader(fd)
-        if not reader.fieldnames or "file" not in reader.fieldnames:
-            raise UserError(
-                f"{csv_path}: expected a 'file' column; found columns {reader.fieldnames}."
-            )
-        names = [c for c in reader.fieldnames if c != "file"]
-        by_file: dict[str, dict[str, str]] = {}
-        for row in reader:
-            key = pathlib.PurePosixPath(row["file"].strip()).as_posix()
-            if key in by_file:
-                raise UserError(f"{csv_path}: file {key!r} appears twice.")
-            by_file[key] = row
+    reader = csv.DictReader(io.StringIO(read_csv_text(csv_path), newline=""))
+    if not reader.fieldnames or "file" not in reader.fieldnames:
+        raise UserError(f"{csv_path}: expected a 'file' column; found columns {reader.fieldnames}.")
+    names = [c for c in reader.fieldnames if c != "file"]
+    by_file: dict[str, dict[str, str]] = {}
+    for row in reader:
+        key = pathlib.PurePosixPath(row["file"].strip()).as_posix()
+        if key in by_file:
+            raise UserError(f"{csv_path}: file {key!r} appears twice.")
+        by_file[key] = row
     index = set(paths)
     matched = sum(key in index for key in by_file)
     if matched == 0:

@@ -4,8 +4,8 @@ See docs/formats.md for the format and docs/internals.md for this interface.
 """
 
 from saev.shards.metadata import LEGACY, PROTOCOL, Metadata
-from saev.shards.reader import ImageIndex, Shards, Tokens, iter_images
-from saev.shards.writer import ShardWriter, read_status, write_image_index
+from saev.shards.reader import ImageIndex, Shards, Tokens, all_finite, iter_images
+from saev.shards.writer import ShardWriter, read_skipped, read_status, write_image_index
 
 __all__ = [
     "LEGACY",
@@ -15,7 +15,9 @@ __all__ = [
     "ShardWriter",
     "Shards",
     "Tokens",
+    "all_finite",
     "iter_images",
+    "read_skipped",
     "read_status",
     "write_image_index",
 ]

@@ -59,6 +59,10 @@ class Metadata:
     """Seed of the recording."""
     pretrained: bool = True
     """False when the ViT had random weights (--random-weights)."""
+    fingerprint: dict | None = None
+    """The recorded dataset: `n_files`, `files` (sha256 of each image's path and size, in
+    index order) and `labels` (sha256 of the label columns). None in recordings made before
+    saev kept it, and in synthetic shards; not part of the directory name."""
     protocol: str = PROTOCOL
     """Format version; LEGACY for reference saev 0.1 directories."""
 
@@ -145,6 +149,8 @@ class Metadata:
         dct = dataclasses.asdict(self)
         dct["image_size"] = list(self.image_size)
         dct["patch_grid"] = list(self.patch_grid)
+        if self.fingerprint is None:  # as written before saev kept fingerprints
+            del dct["fingerprint"]
         return dct
 
     @classmethod
@@ -172,7 +178,7 @@ class Metadata:
             raise UserError(f"{source}: missing keys {missing}.")
         try:
             return cls(**dct)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, UserError) as err:
             raise UserError(f"{source}: {err}") from err
 
     @classmethod

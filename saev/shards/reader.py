@@ -8,6 +8,7 @@ no shards.json, no image index).
 
 import csv
 import functools
+import json
 import os
 import pathlib
 import typing
@@ -31,7 +32,7 @@ class ImageIndex:
         self.file = pathlib.Path(path)
         if not self.file.is_file():
             raise UserError(f"{self.file}: no image index; re-record with `saev activations`.")
-        with open(self.file, newline="") as fd:
+        with open(self.file, newline="", encoding="utf-8") as fd:
             reader = csv.reader(fd)
             header = next(reader, None)
             if header is None or header[:2] != ["index", "path"]:
@@ -77,28 +78,101 @@ class Shards:
             raise UserError(f"{self.root}: shard directory does not exist.")
         self.md = Metadata.load(self.root)
         md = self.md
-        if not md.padded:
-            if not (self.root / STATUS_FILE).is_file():
-                raise UserError(f"{self.root / STATUS_FILE}: missing; the recording never started.")
-            complete = read_status(self.root, md)
-            missing = [i for i, done in enumerate(complete) if not done]
-            if missing:
-                raise UserError(
-                    f"{self.root}: recording incomplete, {len(missing)} of {md.n_shards} shards "
-                    f"missing or unfinished (first: {md.shard_file(missing[0])}); re-run the "
-                    "same `saev activations` command to finish it."
-                )
+        # Sizes first: a shard file that exists always holds a whole shard (the writer renames
+        # it into place only when complete), so a wrong size means the file and metadata.json
+        # disagree, not that the recording is unfinished.
+        present = []
         for i in range(md.n_shards):
             f = self.root / md.shard_file(i)
-            want = self._n_rows(i) * md.bytes_per_img
-            if not f.is_file():
-                raise UserError(f"{f}: shard file missing ({md.n_shards} shards expected).")
-            size = f.stat().st_size
-            if size != want and not (md.padded and size >= want):
+            present.append(f.is_file())
+            if present[-1]:
+                size = f.stat().st_size
+                want = self._n_rows(i) * md.bytes_per_img
+                if size != want and not (md.padded and size >= want):
+                    raise UserError(self._size_message(f, self._n_rows(i), size))
+        missing = [i for i, ok in enumerate(present) if not ok]
+        if md.padded:
+            if missing:
                 raise UserError(
-                    f"{f}: {size} bytes; expected {want} ({self._n_rows(i)} images x "
-                    f"{md.bytes_per_img} bytes). The file is truncated or from another recording."
+                    f"{self.root / md.shard_file(missing[0])}: shard file missing "
+                    f"({len(missing)} of the {md.n_shards} shards metadata.json implies)."
                 )
+            return
+        status = self.root / STATUS_FILE
+        if not status.is_file():
+            raise UserError(self._no_status_message(missing))
+        self._check_status_layout(status)
+        complete = read_status(self.root, md)
+        missing = [i for i, done in enumerate(complete) if not done]
+        if missing:
+            raise UserError(
+                f"{self.root}: recording incomplete, {len(missing)} of {md.n_shards} shards "
+                f"missing or unfinished (first: {md.shard_file(missing[0])}); re-run the "
+                "same `saev activations` command to finish it."
+            )
+
+    def _size_message(self, f: pathlib.Path, n: int, size: int) -> str:
+        """Which numbers of metadata.json disagree with a shard file's size, and how."""
+        md = self.md
+        values = n * md.n_layers * md.n_tokens_per_img * md.d_vit
+        want = values * md.np_dtype.itemsize
+        # Name the single changes of metadata.json that would explain the size.
+        fits = []
+        other = {2: "float16", 4: "float32", 8: "float64"}
+        if size % values == 0 and other.get(size // values, md.dtype) != md.dtype:
+            fits.append(f"{other[size // values]} values")
+        per_dim = values // md.d_vit * md.np_dtype.itemsize
+        if size and size % per_dim == 0:
+            fits.append(f"d_vit {size // per_dim}")
+        hint = f"; that is the size of {', or of '.join(fits)}" if fits else ""
+        return (
+            f"{f}: {size:,} bytes, but {self.root / 'metadata.json'} says {n} images x "
+            f"{md.n_layers} layers x {md.n_tokens_per_img} tokens x d_vit {md.d_vit} x "
+            f"{md.dtype} = {want:,} bytes{hint}; the file is truncated, or metadata.json does "
+            "not describe it."
+        )
+
+    def _no_status_message(self, missing: list[int]) -> str:
+        md, status = self.md, self.root / STATUS_FILE
+        if not missing:
+            return (
+                f"{status}: missing, but all {md.n_shards} shard files that metadata.json names "
+                "are present with the right sizes (copied without it?); copy shards.json from "
+                "the original recording."
+            )
+        if len(missing) == md.n_shards:
+            return (
+                f"{status}: missing, and so are all {md.n_shards} shard files that metadata.json "
+                "names: the recording never started; run `saev activations`."
+            )
+        return (
+            f"{status}: missing, and {len(missing)} of the {md.n_shards} shard files that "
+            f"metadata.json names are missing too (first: {md.shard_file(missing[0])}); the "
+            "recording is incomplete: re-run the same `saev activations` command."
+        )
+
+    def _check_status_layout(self, status: pathlib.Path) -> None:
+        """shards.json must describe the shards metadata.json implies (same count and sizes)."""
+        md = self.md
+        try:
+            entries = json.loads(status.read_text())["shards"]
+            counts = [int(e["n_imgs"]) for e in entries]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{status}: unreadable shard status ({err!r}).") from err
+        want = [md.n_imgs_in(i) for i in range(md.n_shards)]
+        if counts != want:
+            i = next(
+                (i for i, (a, b) in enumerate(zip(counts, want, strict=False)) if a != b),
+                min(len(counts), len(want)),
+            )
+            msg = (
+                f"{status}: lists {len(counts)} shards ({sum(counts)} images), but "
+                f"{self.root / 'metadata.json'} says {md.n_shards} shards of "
+                f"{md.n_imgs_per_shard} images ({md.n_imgs} in all)"
+            )
+            if i < min(len(counts), len(want)):
+                msg += f"; {md.shard_file(i)}: {counts[i]} images there, {want[i]} in metadata.json"
+            raise UserError(msg + "; the two files are from different recordings.")
 
     @property
     def n_imgs(self) -> int:
@@ -170,6 +244,47 @@ class Shards:
         )
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value of a float32 or float16 array is finite, in two cheap reductions.
+
+    min and max propagate NaN and meet any infinity. float16 (slow arithmetic in numpy) is
+    read as integers instead: a non-finite half has every exponent bit set, which makes it
+    the largest of all values as uint16 when negative, and as int16 when positive."""
+    if x.size == 0:
+        return True
+    if x.dtype == np.float16:
+        return bool(x.view(np.uint16).max() < 0xFC00 and x.view(np.int16).max() < 0x7C00)
+    return bool(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+
+def check_finite(
+    shards: "Shards",
+    shard_i: int,
+    local: Int[np.ndarray, " n"],
+    x: Float[np.ndarray, "n n_tok d_vit"],
+    layer_pos: int,
+    tok_start: int = 0,
+) -> None:
+    """UserError naming the shard file, image, layer and token of the first non-finite value
+    of `x`: the activations of images `local` (indices within shard `shard_i`), tokens from
+    `tok_start` on. Non-finite input is a data error: every SAE trained on it would fail."""
+    if all_finite(x):
+        return
+    j, t, k = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+    md = shards.md
+    img = shard_i * md.n_imgs_per_shard + int(local[j])
+    value = float(x[j, t, k])
+    why = (
+        "float16 overflowed while recording: re-record with --dtype float32"
+        if md.dtype == "float16" and np.isinf(value)
+        else "re-record it with `saev activations` (the ViT gave it, or the file is damaged)"
+    )
+    raise UserError(
+        f"{shards.root / md.shard_file(shard_i)}: activation {value} at image {img}, layer "
+        f"{md.layers[layer_pos]}, token {tok_start + t}, dim {k} is not finite; {why}."
+    )
+
+
 def iter_images(
     shards: Shards,
     layer: int,
@@ -193,7 +308,7 @@ def iter_images(
     while i < stop:
         shard_i, off = divmod(i, per)
         n = min(batch_size, stop - i, shards.n_imgs_in(shard_i) - off)
-        block = shards.acts(shard_i)[off : off + n, pos, sl]
-        x = torch.from_numpy(np.array(block, dtype=np.float32))
-        yield torch.arange(i, i + n), x
+        block = np.array(shards.acts(shard_i)[off : off + n, pos, sl], dtype=np.float32)
+        check_finite(shards, shard_i, np.arange(off, off + n), block, pos, sl.start)
+        yield torch.arange(i, i + n), torch.from_numpy(block)
         i += n

@@ -7,6 +7,10 @@ thread writes it to the shard files. So the GPU only ever waits on the ViT.
 Batches are aligned to shard boundaries (a batch never spans two shards, and each shard's
 batches start at its first image), so a resumed run or a `--n-jobs` part sees exactly the
 same batches as one uninterrupted run, and writes the same bytes.
+
+Before anything is written, a re-run into an existing directory must be of the same dataset
+(saev.shards.dataset compares the files' fingerprint, and the labels' unless `--relabel`),
+and the writer must get the lock of its shard range (no second run writes the same shards).
 """
 
 import dataclasses
@@ -22,12 +26,17 @@ from tqdm.auto import tqdm
 from saev.errors import UserError
 from saev.helpers import resolve_device, short_hash
 from saev.images import Demo, ImageDataset, ImageList, Images
+from saev.shards import dataset
 from saev.shards.metadata import Metadata
-from saev.shards.writer import ShardWriter, write_image_index
+from saev.shards.writer import (
+    INDEX_FILE,
+    SKIPPED_FILE,
+    ShardWriter,
+    read_skipped,
+    write_image_index,
+)
 
 logger = logging.getLogger("saev.shards.record")
-
-SKIPPED_FILE = "skipped.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,8 @@ class Config:
     """Seed of torch's RNG before the model is built (this fixes --random-weights); stored in metadata."""
     strict: bool = False
     """Stop at the first unreadable or non-image file instead of skipping it and listing it in skipped.txt."""
+    relabel: bool = False
+    """Re-attach labels that changed since the recording: rewrite images.csv and the labels' fingerprint, keep the activations (without it a changed label file is refused)."""
     n_jobs: int = 1
     """Split the shards into this many disjoint parts (e.g. one per machine)."""
     job_index: int = 0
@@ -111,8 +122,12 @@ def job_shards(n_shards: int, n_jobs: int, job_index: int) -> range:
 
 def recording_key(md: Metadata) -> dict[str, typing.Any]:
     """What determines the bytes: the metadata (model, ckpt, layers, dataset, dtype, shard size,
-    seed, random weights). Batch size, workers, device and the job split are deliberately out."""
-    return md.to_json()
+    seed, random weights). Batch size, workers, device and the job split are deliberately out,
+    and so is the dataset's fingerprint: a changed dataset lands in the same directory, which
+    then refuses it (saev.shards.dataset) instead of silently starting a second recording."""
+    key = md.to_json()
+    key.pop("fingerprint", None)
+    return key
 
 
 def output_dir(dump_to: pathlib.Path, md: Metadata) -> pathlib.Path:
@@ -124,7 +139,7 @@ def output_dir(dump_to: pathlib.Path, md: Metadata) -> pathlib.Path:
 
 def record(cfg: Config) -> pathlib.Path:
     """Run (or resume) this job's part of the recording; returns the shard directory."""
-    from saev.vits import Recorder, make_vit
+    from saev.vits import make_vit
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -140,28 +155,46 @@ def record(cfg: Config) -> pathlib.Path:
     layers = vit.resolve_layers(cfg.vit_layers)
     md = make_metadata(cfg, vit, layers, images)
     root = output_dir(cfg.dump_to, md)
+    plan = dataset.check(root, md, images, relabel=cfg.relabel)
     shards = job_shards(md.n_shards, cfg.n_jobs, cfg.job_index)
-    writer = ShardWriter(root, md, shards=shards)
-    write_image_index(root, images.rows())
-    write_skipped(root, images.skipped)
+    with ShardWriter(root, plan.md, shards=shards, skipped=images.skipped) as writer:
+        write_index(root, plan, images)
+        print(f"shards: {root}")
+        if writer.done:
+            print(
+                f"nothing to do: shards {shards.start}..{shards.stop - 1} are already complete in {root}"
+            )
+            return root
+        if writer.start_img > shards.start * md.n_imgs_per_shard:
+            print(
+                f"resuming at image {writer.start_img} (shard {writer.start_img // md.n_imgs_per_shard})"
+            )
+        n_todo = writer.stop_img - writer.start_img
+        record_images(cfg, vit, layers, images, writer, device)
+    elapsed = time.perf_counter() - t0
+    n_bytes = n_todo * md.bytes_per_img
+    n_skipped = len(images.skipped) + len(read_skipped(root, plan.md))
+    print(
+        f"recorded {n_todo} images ({md.n_imgs} in all) into shards {shards.start}..{shards.stop - 1} "
+        f"of {md.n_shards}: {n_bytes / 1e9:.2f} GB in {elapsed:.1f}s ({n_todo / elapsed:.1f} img/s)"
+        + (f"; {n_skipped} files skipped (see {root / SKIPPED_FILE})" if n_skipped else "")
+    )
     print(f"shards: {root}")
-    if writer.done:
-        print(
-            f"nothing to do: shards {shards.start}..{shards.stop - 1} are already complete in {root}"
-        )
-        return root
-    if writer.start_img > shards.start * md.n_imgs_per_shard:
-        print(
-            f"resuming at image {writer.start_img} (shard {writer.start_img // md.n_imgs_per_shard})"
-        )
+    return root
+
+
+def record_images(
+    cfg: Config, vit, layers: list[int], images: ImageList, writer: ShardWriter, device
+) -> None:
+    """The ViT loop: images [writer.start_img, writer.stop_img) into the writer."""
+    from saev.vits import Recorder
 
     vit = vit.to(device)
     recorder = Recorder(vit, layers)
-    dataset = ImageDataset(images, vit.transform, vit.image_size)
     loader = torch.utils.data.DataLoader(
-        dataset,
+        ImageDataset(images, vit.transform, vit.image_size),
         batch_sampler=shard_aligned_batches(
-            writer.start_img, writer.stop_img, md.n_imgs_per_shard, cfg.batch_size
+            writer.start_img, writer.stop_img, writer.md.n_imgs_per_shard, cfg.batch_size
         ),
         num_workers=cfg.n_workers,
         pin_memory=device.type == "cuda",
@@ -170,36 +203,38 @@ def record(cfg: Config) -> pathlib.Path:
     )
     store = torch.float16 if cfg.dtype == "float16" else torch.float32
     n_todo = writer.stop_img - writer.start_img
-    failed: list[tuple[str, str]] = []
     try:
-        with writer, tqdm(total=n_todo, unit="img", desc="recording", dynamic_ncols=True) as bar:
+        with tqdm(total=n_todo, unit="img", desc="recording", dynamic_ncols=True) as bar:
             for imgs, idx, ok in loader:
-                if not bool(ok.all()):
-                    for i in idx[~ok].tolist():
-                        if cfg.strict:
-                            raise UserError(
-                                f"{images.root / images.paths[i]}: could not decode image (--strict)."
-                            )
-                        failed.append(
-                            (images.paths[i], "could not decode; recorded as a black image")
+                failed = []
+                for i in idx[~ok].tolist():
+                    if cfg.strict:
+                        raise UserError(
+                            f"{images.root / images.paths[i]}: could not decode image (--strict)."
                         )
+                    failed.append(
+                        (i, images.paths[i], "could not decode; recorded as a black image")
+                    )
                 acts = recorder.record(imgs.to(device, non_blocking=True))
-                writer.write(acts.to(store))
+                # Decode failures are noted with their shard, so skipped.txt lists them even
+                # after a kill and a resume.
+                writer.write(acts.to(store), skipped=failed)
                 bar.update(len(idx))
     finally:
         recorder.remove()
-        if failed:
-            write_skipped(root, images.skipped + failed)
-    elapsed = time.perf_counter() - t0
-    n_bytes = n_todo * md.bytes_per_img
-    n_skipped = len(images.skipped) + len(failed)
-    print(
-        f"recorded {n_todo} images ({md.n_imgs} in all) into shards {shards.start}..{shards.stop - 1} "
-        f"of {md.n_shards}: {n_bytes / 1e9:.2f} GB in {elapsed:.1f}s ({n_todo / elapsed:.1f} img/s)"
-        + (f"; {n_skipped} files skipped (see {root / SKIPPED_FILE})" if n_skipped else "")
-    )
-    print(f"shards: {root}")
-    return root
+
+
+def write_index(root: pathlib.Path, plan: dataset.Plan, images: ImageList) -> None:
+    """images.csv and files.tsv of a new recording; with --relabel, the new labels (images.csv
+    first, then metadata.json, so a kill in between leaves labels that a re-run re-attaches)."""
+    if plan.relabelled is not None:
+        write_image_index(root, images.rows())
+        plan.relabelled.dump(root / "metadata.json")
+        print(f"re-attached the labels of {len(images)} images in {root / INDEX_FILE}")
+    elif not (root / INDEX_FILE).is_file():
+        write_image_index(root, images.rows())
+    if plan.md.fingerprint is not None and not (root / dataset.FILES_FILE).is_file():
+        dataset.write_file_list(root, images)
 
 
 def make_metadata(cfg: Config, vit, layers: list[int], images: ImageList) -> Metadata:
@@ -220,6 +255,7 @@ def make_metadata(cfg: Config, vit, layers: list[int], images: ImageList) -> Met
         data=images.data,
         seed=cfg.seed,
         pretrained=not cfg.random_weights,
+        fingerprint=images.fingerprint(),
     )
 
 
@@ -234,17 +270,6 @@ def shard_aligned_batches(
         batches.append(list(range(i, end)))
         i = end
     return batches
-
-
-def write_skipped(root: pathlib.Path, skipped: list[tuple[str, str]]) -> None:
-    from saev.helpers import atomic_write_text
-
-    path = root / SKIPPED_FILE
-    if not skipped:
-        path.unlink(missing_ok=True)
-        return
-    atomic_write_text(path, "".join(f"{p}\t{why}\n" for p, why in skipped))
-    logger.warning("%d files skipped; listed in %s", len(skipped), path)
 
 
 def submit(cfg: Config, executor=None) -> list:

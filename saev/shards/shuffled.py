@@ -51,7 +51,7 @@ import torch
 from jaxtyping import Float, Int
 
 from saev.errors import UserError
-from saev.shards.reader import Shards, Tokens
+from saev.shards.reader import Shards, Tokens, all_finite, check_finite
 
 logger = logging.getLogger("saev.shards.shuffled")
 
@@ -222,6 +222,17 @@ class ShuffledLoader:
                     _pread_into(fd, memoryview(dst[j]).cast("B"), offset, path)
         finally:
             os.close(fd)
+        # Non-finite input would stop every SAE at once: name where it is instead. Two
+        # reductions over the chunk just read (see all_finite): about 1.5 ms per 32 MiB on one
+        # core, a tenth of the loader's CPU time per token. (Checking each piece right after
+        # its read, while in cache, measured no faster: the extra reads cost as much.)
+        check_finite(
+            self.shards,
+            chunk.shard_i,
+            chunk.local,
+            dst.reshape(dst.shape[0], md.n_tokens_per_img, md.d_vit),
+            self.layer_pos,
+        )
         self.stats.bytes_read += dst.nbytes
         self.stats.read_s += time.perf_counter() - t0
 
@@ -483,7 +494,19 @@ class ShuffledLoader:
         for shard_i in np.unique(shard_of):
             m = shard_of == shard_i
             acts = self.shards.acts(int(shard_i))
-            out[m] = acts[img[m] - shard_i * per, self.layer_pos, tok[m]]
+            local = img[m] - shard_i * per
+            vals = acts[local, self.layer_pos, tok[m]]
+            if not all_finite(vals):
+                j = int(np.flatnonzero(~np.isfinite(vals).all(axis=1))[0])
+                check_finite(
+                    self.shards,
+                    int(shard_i),
+                    local[j : j + 1],
+                    vals[j : j + 1, None],
+                    self.layer_pos,
+                    int(tok[m][j]),
+                )
+            out[m] = vals
         return torch.from_numpy(out)
 
     def __len__(self) -> int:
