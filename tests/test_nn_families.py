@@ -244,27 +244,6 @@ def test_vsae_logvar_clamped():
     assert lv.max().item() == 1.0
 
 
-def test_vsae_mixture_kl_matches_torch_distributions():
-    stack, x = make("vsae-mixture", [{"prior_corr": 0.6}, {"prior_corr": -0.3}])
-    with torch.no_grad():
-        stack.W_logvar.normal_(0, 0.2)
-    xs = stack.scaled(x)
-    mu = stack.pre_acts(xs).detach()
-    lv = stack._logvar(xs).detach()
-    got = stack._kl(mu, lv)
-    for s, rho in enumerate([0.6, -0.3]):
-        block = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
-        cov = torch.block_diag(*[block] * (F // 2))
-        prior = torch.distributions.MultivariateNormal(torch.zeros(F, dtype=torch.float64), cov)
-        kls = [
-            torch.distributions.kl_divergence(
-                torch.distributions.MultivariateNormal(mu[s, b], torch.diag(lv[s, b].exp())), prior
-            )
-            for b in range(B)
-        ]
-        torch.testing.assert_close(got[s].item(), torch.stack(kls).mean().item() / F)
-
-
 @pytest.mark.parametrize("family", ["vsae-topk", "vsae-gated", "vsae-jumprelu"])
 def test_vsae_rules_use_mu_at_inference(family):
     k = {"k": 4} if family == "vsae-topk" else {}

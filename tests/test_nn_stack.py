@@ -47,7 +47,11 @@ FAMILY_MEMBERS = {
     "jumprelu": [{"seed": 1, "target_l0": 4.0}, {"seed": 2, "sparsity_coeff": 0.1}, {"seed": 3}],
     "gated": [{"seed": 1}, {"seed": 2, "sparsity_coeff": 0.2}, {"seed": 3}],
     "vsae-topk": [{"k": 3, "seed": 1}, {"k": 5, "seed": 2, "kl_coeff": 0.0}, {"seed": 3}],
-    "vsae-mixture": [{"seed": 1}, {"seed": 2, "prior_corr": -0.5}, {"seed": 3, "kl_coeff": 3.0}],
+    "vsae-mixture": [
+        {"seed": 1},
+        {"seed": 2, "learn_prior": False, "prior_spread": 2.0},
+        {"seed": 3, "kl_coeff": 3.0, "sparsity_coeff": 0.0},
+    ],
 }
 
 

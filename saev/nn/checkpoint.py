@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import saev
 from saev import helpers
 from saev.errors import UserError
+from saev.nn import hparams
 from saev.nn.stack import Stack
 
 logger = logging.getLogger("saev.nn")
@@ -136,81 +137,251 @@ def save(
 @jaxtyped(typechecker=beartype)
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """A checkpoint dir, its config.json / sae.safetensors, or a reference saev 0.1 `sae.pt`
-    (whose input normalisation must then be re-estimated: see `calibrate_legacy`)."""
+    (whose input normalisation must then be re-estimated: see `calibrate_legacy`).
+
+    Everything is checked before a tensor is built: config.json field by field (`read_config`),
+    then the tensor names, shapes and dtypes of sae.safetensors against it. Every error is a
+    UserError of one line that starts with the file at fault."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory; expected {_EXPECTED}.")
+    if path.is_file() and path.suffix in LEGACY_SUFFIXES:
+        return _load_legacy_warn(path).to(device)
+    if path.is_file() and path.name not in (CONFIG_NAME, WEIGHTS_NAME):
+        raise UserError(f"{path}: not a checkpoint file; expected {_EXPECTED}.")
     ckpt_dir = path if path.is_dir() else path.parent
     cfg_path, weights_path = ckpt_dir / CONFIG_NAME, ckpt_dir / WEIGHTS_NAME
-    legacy = None
-    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
-        legacy = path
-    elif not cfg_path.is_file() and (ckpt_dir / "sae.pt").is_file():
-        legacy = ckpt_dir / "sae.pt"
-    if legacy is not None:
-        logger.warning(
-            "%s: a saev 0.1 checkpoint; it was trained on mean-centred, rescaled activations "
-            "whose statistics sae.pt does not store, so its codes on raw activations are wrong "
-            "until saev.nn.calibrate_legacy re-estimates them from shards (saev evaluate, "
-            "visuals and probe do this).",
-            legacy,
-        )
-        return _load_legacy(legacy).to(device)
+    if not cfg_path.is_file() and (ckpt_dir / "sae.pt").is_file():
+        return _load_legacy_warn(ckpt_dir / "sae.pt").to(device)
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise UserError(
                 f"{p}: missing; expected an SAE checkpoint with {CONFIG_NAME} and {WEIGHTS_NAME}."
             )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{cfg_path}: not valid JSON ({err}).") from err
-    if cfg.get("schema") != SCHEMA:
+    cfg = read_config(cfg_path)
+    family, d_vit, d_sae = cfg["family"], cfg["d_vit"], cfg["d_sae"]
+    shapes = _tensor_shapes(weights_path)
+    # The two big matrices first, so that a wrong d_vit/d_sae never allocates a stack.
+    for key, want in (("W_enc", [d_vit, d_sae]), ("W_dec", [d_sae, d_vit])):
+        if key not in shapes:
+            raise UserError(
+                f"{weights_path}: no tensor {key!r}; expected the tensors of the {family} SAE "
+                f"of {cfg_path}."
+            )
+        if shapes[key] != want:
+            raise UserError(
+                f"{weights_path}: tensor {key!r} has shape {shapes[key]}, but {cfg_path} "
+                f"(d_vit={d_vit}, d_sae={d_sae}) needs {want}."
+            )
+    stack = _make(family, d_vit, d_sae, cfg["hparams"], cfg_path)
+    want = {k: v[0] for k, v in stack.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+    if missing or unexpected:
         raise UserError(
-            f"{cfg_path}: schema {cfg.get('schema')!r} is not supported; expected {SCHEMA}."
+            f"{weights_path}: tensors do not match the {family} SAE of {cfg_path} "
+            f"(missing {missing}, unexpected {unexpected})."
         )
-    for key in ("family", "d_vit", "d_sae", "hparams"):
-        if key not in cfg:
-            raise UserError(f"{cfg_path}: missing key {key!r}.")
-    stack = make(cfg["family"], cfg["d_vit"], cfg["d_sae"], [cfg["hparams"]])
+    for key, value in want.items():
+        if shapes[key] != list(value.shape):
+            raise UserError(
+                f"{weights_path}: tensor {key!r} has shape {shapes[key]}, but {cfg_path} "
+                f"({family}, d_vit={d_vit}, d_sae={d_sae}) needs {list(value.shape)}."
+            )
     try:
         tensors = safetensors.torch.load_file(weights_path)
     except Exception as err:
-        raise UserError(f"{weights_path}: not a readable safetensors file ({err}).") from err
-    _load_state(stack, {k: v[None] for k, v in tensors.items()}, weights_path)
-    extra = {
-        k: v for k, v in cfg.items() if k not in ("schema", "family", "d_vit", "d_sae", "hparams")
-    }
+        raise UserError(f"{weights_path}: not a readable safetensors file ({_line(err)}).") from err
+    for key, value in want.items():
+        _check_tensor(weights_path, key, tensors[key], value.dtype)
+    scale = float(tensors["scale"])
+    if scale != float(torch.tensor(cfg["input_scale"], dtype=tensors["scale"].dtype)):
+        raise UserError(
+            f"{weights_path}: scale={scale!r} but {cfg_path} has input_scale={cfg['input_scale']!r}; "
+            "expected the same input scale in both."
+        )
+    stack.load_state_dict({k: v[None] for k, v in tensors.items()})
+    extra = {k: v for k, v in cfg.items() if k not in _CORE_KEYS}
     sae = SAE(stack, extra)
     sae.cfg = cfg
     return sae.to(device)
 
 
-def make(family: str, d_vit: int, d_sae: int, members: list[dict]) -> Stack:
+LEGACY_SUFFIXES = (".pt", ".pth", ".bin")
+"""File suffixes `load` reads as reference saev 0.1 checkpoints."""
+_EXPECTED = (
+    f"an SAE checkpoint directory ({CONFIG_NAME} + {WEIGHTS_NAME}), one of those two files, "
+    "or a saev 0.1 sae.pt"
+)
+_CORE_KEYS = ("schema", "family", "d_vit", "d_sae", "hparams")
+_INFERENCE_HPARAMS = {"topk": ("k",), "vsae-topk": ("k",), "matryoshka": ("base", "k")}
+"""Hyperparameters that a family's inference rule reads. A config.json without them cannot be
+encoded faithfully; every other key only shapes training, and one missing from an older
+config.json takes today's default."""
+_TOKENS = ("patches", "cls", "all")
+"""`tokens` a trainer records (saev.shards.Tokens; nn does not import shards)."""
+
+
+def read_config(cfg_path: pathlib.Path) -> dict[str, typing.Any]:
+    """config.json, validated field by field, older formats migrated, hyperparameters filled
+    in (`check_hparams`). UserError naming `cfg_path` and the field on any bad value."""
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{cfg_path}: not a readable JSON file ({_line(err)}).") from err
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object; got {type(cfg).__name__}.")
+    for key in (*_CORE_KEYS, "input_scale"):
+        if key not in cfg:
+            raise UserError(f"{cfg_path}: missing key {key!r}.")
+    if type(cfg["schema"]) is not int or cfg["schema"] != SCHEMA:
+        raise UserError(
+            f"{cfg_path}: schema {cfg['schema']!r} is not supported; expected {SCHEMA}."
+        )
+    if not isinstance(cfg["family"], str) or cfg["family"] not in hparams.FAMILIES:
+        raise UserError(
+            f"{cfg_path}: unknown SAE family {cfg['family']!r}; "
+            f"expected one of {', '.join(hparams.FAMILIES)}."
+        )
+    for key in ("d_vit", "d_sae"):
+        if type(cfg[key]) is not int or cfg[key] <= 0:
+            raise UserError(f"{cfg_path}: {key}={cfg[key]!r}: expected a positive integer.")
+    if not isinstance(cfg["hparams"], dict):
+        raise UserError(
+            f"{cfg_path}: hparams={cfg['hparams']!r}: expected an object of hyperparameters."
+        )
+    cfg = _migrate(cfg, cfg_path)
+    family = cfg["family"]
+    for key in _INFERENCE_HPARAMS.get(family, ()):
+        if key not in cfg["hparams"]:
+            raise UserError(
+                f"{cfg_path}: hparams has no {key!r}, which the {family} inference rule reads."
+            )
+    try:
+        cfg["hparams"] = hparams.check_hparams(family, cfg["hparams"])
+    except UserError as err:
+        raise UserError(f"{cfg_path}: {err}") from err
+    _check_fields(cfg, cfg_path)
+    return cfg
+
+
+def _check_fields(cfg: dict[str, typing.Any], where: pathlib.Path) -> None:
+    """Types and ranges of the fields other than family, sizes and hyperparameters."""
+
+    def fail(key: str, expected: str) -> typing.NoReturn:
+        raise UserError(f"{where}: {key}={cfg[key]!r}: expected {expected}.")
+
+    s = cfg["input_scale"]
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+        fail("input_scale", "a finite number > 0")
+    if not isinstance(cfg.get("saev_version", ""), str):
+        fail("saev_version", "a version string")
+    if cfg.get("layer") is not None and type(cfg["layer"]) is not int:
+        fail("layer", "an integer block index or null")
+    if cfg.get("tokens") is not None and cfg["tokens"] not in _TOKENS:
+        fail("tokens", f"one of {', '.join(_TOKENS)} or null")
+    if cfg.get("shard_root") is not None and not isinstance(cfg["shard_root"], str):
+        fail("shard_root", "a directory path or null")
+    for key in ("shards", "split"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            fail(key, "an object or null")
+    frac = (cfg.get("split") or {}).get("eval_frac", 0.0)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+        raise UserError(f"{where}: split.eval_frac={frac!r}: expected a number in [0, 1).")
+    norm = cfg.get("input_normalisation")
+    if norm is not None and norm != LEGACY_UNKNOWN and not isinstance(norm, dict):
+        fail("input_normalisation", f"{LEGACY_UNKNOWN!r} or an object")
+
+
+def _migrate(cfg: dict[str, typing.Any], where: pathlib.Path) -> dict[str, typing.Any]:
+    """Configs of older saev versions, read as what they are today (docs/checkpoints.md)."""
+    hp = cfg["hparams"]
+    if cfg["family"] == "vsae-mixture" and "prior_corr" in hp:
+        # saev 0.2.0's vsae-mixture: ReLU(z) under a correlated-pair Gaussian prior and no L1.
+        # The prior only enters the training loss; its encode/decode are vsae-iso's exactly.
+        logger.warning(
+            "%s: a vsae-mixture of the old correlated-pair prior (prior_corr=%r); it loads as "
+            "vsae-iso (the same encode and decode, no L1), since vsae-mixture now means a "
+            "Gaussian-mixture prior. Re-save it with saev.nn.save to drop this warning.",
+            where,
+            hp["prior_corr"],
+        )
+        rest = {k: v for k, v in hp.items() if k != "prior_corr"}
+        return {
+            **cfg,
+            "family": "vsae-iso",
+            "hparams": {"sparsity_coeff": 0.0, **rest},
+            "migrated_from": {"family": "vsae-mixture", "prior_corr": hp["prior_corr"]},
+        }
+    if cfg["family"] == "vsae-iso" and "sparsity_coeff" not in hp:
+        # Before vsae-iso had an L1 it trained without one: record that, not today's default.
+        return {**cfg, "hparams": {**hp, "sparsity_coeff": 0.0}}
+    return cfg
+
+
+def _make(family: str, d_vit: int, d_sae: int, hp: dict, where: pathlib.Path) -> Stack:
     from saev.nn import make_stack
 
-    return make_stack(family, d_vit=d_vit, d_sae=d_sae, members=members)
+    try:
+        return make_stack(family, d_vit=d_vit, d_sae=d_sae, members=[hp])
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from err
 
 
-def _load_state(stack: Stack, state: dict[str, Tensor], where: pathlib.Path) -> None:
-    want = stack.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    if missing or unexpected:
+def _tensor_shapes(weights_path: pathlib.Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, from its header (no data read)."""
+    try:
+        with safetensors.safe_open(weights_path, framework="pt") as f:
+            names = f.keys()
+            return {k: list(f.get_slice(k).get_shape()) for k in names}
+    except Exception as err:
+        raise UserError(f"{weights_path}: not a readable safetensors file ({_line(err)}).") from err
+
+
+def _check_tensor(where: pathlib.Path, key: str, value: Tensor, want: torch.dtype) -> None:
+    """The kind of dtype the module holds (float, integer, bool), and finite floats."""
+
+    def kind(dtype: torch.dtype) -> str:
+        return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "integer"
+
+    if kind(value.dtype) != kind(want):
         raise UserError(
-            f"{where}: tensors do not match a {stack.family} SAE (missing {missing}, unexpected {unexpected})."
+            f"{where}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
+            f"expected a {kind(want)} tensor."
         )
-    for key in want:
-        value = state[key]
-        if value.shape != want[key].shape:
+    if value.dtype.is_floating_point:
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
             raise UserError(
-                f"{where}: tensor {key!r} has shape {list(value.shape[1:])}, expected {list(want[key].shape[1:])}."
+                f"{where}: tensor {key!r} has {bad} non-finite value(s) (NaN or Inf); "
+                "expected finite weights."
             )
-    stack.load_state_dict(state)
+
+
+def _line(err: BaseException) -> str:
+    """An exception as one line (some libraries' messages span several)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _load_legacy_warn(path: pathlib.Path) -> SAE:
+    sae = _load_legacy(path)
+    logger.warning(
+        "%s: a saev 0.1 checkpoint; it was trained on mean-centred, rescaled activations "
+        "whose statistics sae.pt does not store, so its codes on raw activations are wrong "
+        "until saev.nn.calibrate_legacy re-estimates them from shards (saev evaluate, "
+        "visuals and probe do this).",
+        path,
+    )
+    return sae
 
 
 def _load_legacy(path: pathlib.Path) -> SAE:
     """Reference saev 0.1: a JSON header line then `torch.save(state_dict)`; a ReLU SAE with
     input scale 1 and its input normalisation marked unknown (see `calibrate_legacy`)."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: unreadable ({_line(err)}).") from err
     newline = raw.find(b"\n")
     try:
         header = json.loads(raw[:newline].decode("utf-8")) if newline >= 0 else None
@@ -229,25 +400,38 @@ def _load_legacy(path: pathlib.Path) -> SAE:
         ) from err
     except Exception as err:
         raise UserError(
-            f"{path}: the state dict after the header is unreadable ({type(err).__name__}: {err})."
+            f"{path}: the state dict after the header is unreadable ({type(err).__name__}: {_line(err)})."
         ) from err
     needed = ("W_enc", "b_enc", "W_dec", "b_dec")
     if not isinstance(state, dict) or not all(isinstance(state.get(k), Tensor) for k in needed):
         raise UserError(f"{path}: expected a state dict with tensors {', '.join(needed)}.")
+    if state["W_enc"].ndim != 2:
+        raise UserError(
+            f"{path}: tensor 'W_enc' has shape {list(state['W_enc'].shape)}; expected [d_vit, d_sae]."
+        )
     d_vit, d_sae = state["W_enc"].shape
     cfg = header.get("cfg", header)
-    hp = {"seed": cfg["seed"]} if isinstance(cfg.get("seed"), int) and cfg["seed"] >= 0 else {}
-    family = "relu"
-    if isinstance(cfg.get("sparsity_coeff"), (int, float)):
-        hp["sparsity_coeff"] = float(cfg["sparsity_coeff"])
-    stack = make(family, d_vit, d_sae, [hp])
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if type(cfg.get("d_vit")) is int and cfg["d_vit"] != d_vit:
+        raise UserError(
+            f"{path}: the header says d_vit={cfg['d_vit']} but tensor 'W_enc' has shape "
+            f"{[d_vit, d_sae]}; expected [d_vit, d_sae]."
+        )
+    hp = {"seed": cfg["seed"]} if type(cfg.get("seed")) is int and cfg["seed"] >= 0 else {}
+    lam = cfg.get("sparsity_coeff")
+    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        hp["sparsity_coeff"] = lam  # range checked by check_hparams, which names the file
+    stack = _make("relu", d_vit, d_sae, hp, path)
     with torch.no_grad():
         for key in needed:
-            if state[key].shape != getattr(stack, key).shape[1:]:
+            want = getattr(stack, key)
+            if state[key].shape != want.shape[1:]:
                 raise UserError(
-                    f"{path}: tensor {key!r} has shape {list(state[key].shape)}, inconsistent with W_enc."
+                    f"{path}: tensor {key!r} has shape {list(state[key].shape)}, inconsistent "
+                    f"with W_enc {[d_vit, d_sae]}; expected {list(want.shape[1:])}."
                 )
-            getattr(stack, key).copy_(state[key][None].float())
+            _check_tensor(path, key, state[key], want.dtype)
+            want.copy_(state[key][None].float())
     return SAE(
         stack,
         {"legacy_header": header, "source": str(path), "input_normalisation": LEGACY_UNKNOWN},

@@ -86,7 +86,7 @@ class TopKStack(Stack):
         if not bool(has_dead.any()):
             return None
         with torch.no_grad():
-            ks = self.hp_ints("k_aux")
+            ks = [min(k, self.d_sae) for k in self.hp_ints("k_aux")]
             masked = pre.masked_fill(~dead[:, None, :], -math.inf)
             layout = sparse.topk_layout(masked.topk(max(ks), dim=-1).indices, ks, self.d_sae)
             # A member with fewer dead latents than k_aux also selected live ones: drop them.

@@ -31,6 +31,7 @@ _COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
 _AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}
 _JUMP = {"sparsity_coeff": 1.0, "target_l0": 0.0, "bandwidth": 0.001, "threshold_init": 0.001}
 _VAR = {"kl_coeff": 1.0, "logvar_min": -8.0, "logvar_max": 4.0}
+_VL1 = 1.0  # vsae-iso / vsae-mixture L1 (docs/families.md: why this value)
 
 HPARAMS: dict[str, dict[str, typing.Any]] = {
     "relu": {**_COMMON, "sparsity_coeff": 5.0},
@@ -48,16 +49,23 @@ HPARAMS: dict[str, dict[str, typing.Any]] = {
     "vsae-topk": {**_COMMON, "k": 32, **_VAR},
     "vsae-gated": {**_COMMON, "sparsity_coeff": 1.0, **_VAR},
     "vsae-jumprelu": {**_COMMON, **_JUMP, **_VAR},
-    "vsae-iso": {**_COMMON, **_VAR},
-    "vsae-mixture": {**_COMMON, **_VAR, "prior_corr": 0.5},
+    "vsae-iso": {**_COMMON, "sparsity_coeff": _VL1, **_VAR},
+    "vsae-mixture": {
+        **_COMMON,
+        "sparsity_coeff": _VL1,
+        **_VAR,
+        "n_components": 2,
+        "prior_spread": 1.0,
+        "prior_std": 1.0,
+        "learn_prior": True,
+    },
 }
 
-GROUP_HPARAMS: dict[str, frozenset[str]] = {
-    fam: frozenset({"base", "prefix_fracs"} if fam == "matryoshka" else set()) for fam in FAMILIES
-}
+_GROUP = {"matryoshka": {"base", "prefix_fracs"}, "vsae-mixture": {"n_components"}}
+GROUP_HPARAMS: dict[str, frozenset[str]] = {fam: frozenset(_GROUP.get(fam, ())) for fam in FAMILIES}
 
-# Keys whose values must be integers >= 0 (k, k_aux >= 1 where present).
-_INT_KEYS = {"seed", "dead_after_tokens", "k", "k_aux"}
+# Keys whose values must be integers >= 0 (k, k_aux, n_components >= 1 where present).
+INT_KEYS = {"seed", "dead_after_tokens", "k", "k_aux", "n_components"}
 
 
 def check_family(family: str) -> str:
@@ -77,12 +85,15 @@ def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typin
         )
     hp = {**defaults, **member}
     for key, value in hp.items():
-        if key in _INT_KEYS:
-            least = 1 if key in ("k", "k_aux") else 0
+        if key in INT_KEYS:
+            least = 1 if key in ("k", "k_aux", "n_components") else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UserError(
                     f"{family} hyperparameter {key}={value!r}: expected an integer >= {least}."
                 )
+        elif key == "learn_prior":
+            if not isinstance(value, bool):
+                raise UserError(f"{family} learn_prior={value!r}: expected true or false.")
         elif key == "base":
             if value not in ("topk", "batchtopk"):
                 raise UserError(f"matryoshka base={value!r}: expected 'topk' or 'batchtopk'.")
@@ -109,20 +120,26 @@ def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typin
                     f"{family} hyperparameter {key}={value!r}: expected a finite number."
                 )
             hp[key] = float(value)
-    for key in ("bandwidth", "threshold_init"):
+    for key in ("bandwidth", "threshold_init", "prior_std"):
         if key in hp and hp[key] <= 0:
             raise UserError(f"{family} hyperparameter {key}={hp[key]!r}: expected a value > 0.")
     if "threshold_decay" in hp and not 0 <= hp["threshold_decay"] < 1:
         raise UserError(
             f"{family} threshold_decay={hp['threshold_decay']!r}: expected 0 <= value < 1."
         )
-    if "prior_corr" in hp and not -1 < hp["prior_corr"] < 1:
-        raise UserError(f"{family} prior_corr={hp['prior_corr']!r}: expected -1 < value < 1.")
     if "logvar_min" in hp and hp["logvar_min"] >= hp["logvar_max"]:
         raise UserError(
             f"{family} logvar_min={hp['logvar_min']!r} must be below logvar_max={hp['logvar_max']!r}."
         )
-    for key in ("sparsity_coeff", "aux_coeff", "kl_coeff", "target_l0"):
+    for key in ("sparsity_coeff", "aux_coeff", "kl_coeff", "target_l0", "prior_spread"):
         if key in hp and hp[key] < 0:
             raise UserError(f"{family} hyperparameter {key}={hp[key]!r}: expected a value >= 0.")
+    if (
+        "prior_std" in hp
+        and not hp["logvar_min"] <= 2 * math.log(hp["prior_std"]) <= hp["logvar_max"]
+    ):
+        raise UserError(
+            f"{family} prior_std={hp['prior_std']!r}: its log-variance must lie in "
+            f"[logvar_min, logvar_max] = [{hp['logvar_min']!r}, {hp['logvar_max']!r}]."
+        )
     return hp

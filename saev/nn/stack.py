@@ -122,11 +122,7 @@ class Stack(nn.Module, abc.ABC):
         # Hyperparameters as [S] tensors (non-persistent: config.json is their record).
         for key, default in hparams.HPARAMS[self.family].items():
             if isinstance(default, (int, float)):
-                dtype = (
-                    torch.long
-                    if key in ("seed", "dead_after_tokens", "k", "k_aux")
-                    else torch.float32
-                )
+                dtype = torch.long if key in hparams.INT_KEYS else torch.float32
                 values = torch.tensor([m[key] for m in self.members], dtype=dtype)
                 self.register_buffer(f"hp_{key}", values, persistent=False)
 
@@ -153,9 +149,9 @@ class Stack(nn.Module, abc.ABC):
         return getattr(self, f"hp_{key}")
 
     def hp_ints(self, key: str) -> list[int]:
-        """An integer hyperparameter of every member, capped at d_sae, from the Python config
-        (reading it from the [S] tensor would synchronise with the GPU every step)."""
-        return [min(int(m[key]), self.d_sae) for m in self.members]
+        """An integer hyperparameter of every member, from the Python config (reading it from
+        the [S] tensor would synchronise with the GPU every step)."""
+        return [int(m[key]) for m in self.members]
 
     def extra_repr(self) -> str:
         return f"family={self.family}, S={self.S}, d_vit={self.d_vit}, d_sae={self.d_sae}"

@@ -65,7 +65,7 @@ class SaeConfig:
     threshold_decay: float | None = None
     """EMA decay of the BatchTopK inference threshold (batchtopk, matryoshka)."""
     sparsity_coeff: float | None = None
-    """Sparsity coefficient lambda (relu L1, jumprelu L0, gated L1)."""
+    """Sparsity coefficient lambda (relu, vsae-iso, vsae-mixture L1; jumprelu L0; gated L1)."""
     target_l0: float | None = None
     """JumpReLU target L0: lambda*(L0/L0*-1)^2 instead of the plain L0 penalty when > 0."""
     bandwidth: float | None = None
@@ -82,8 +82,14 @@ class SaeConfig:
     """Variational lower clamp of log sigma^2."""
     logvar_max: float | None = None
     """Variational upper clamp of log sigma^2."""
-    prior_corr: float | None = None
-    """vsae-mixture prior correlation."""
+    n_components: int | None = None
+    """vsae-mixture: Gaussian components K of each latent's prior (equal within a stack)."""
+    prior_spread: float | None = None
+    """vsae-mixture: initial component means evenly spaced over [-prior_spread, prior_spread]."""
+    prior_std: float | None = None
+    """vsae-mixture: initial standard deviation of every prior component."""
+    learn_prior: bool | None = None
+    """vsae-mixture: train the prior's means, variances and weights through the KL."""
     dead_after_tokens: int | None = None
     """A latent that has not fired for this many tokens counts as dead (AuxK, dead fraction)."""
 
@@ -102,7 +108,10 @@ HPARAM_FIELDS = (
     "kl_coeff",
     "logvar_min",
     "logvar_max",
-    "prior_corr",
+    "n_components",
+    "prior_spread",
+    "prior_std",
+    "learn_prior",
     "dead_after_tokens",
 )
 """SaeConfig fields passed to saev.nn as member hyperparameters (when set and used by the family)."""
