@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saev.downstream import DownstreamConfig, ImagesConfig
+from saev.downstream import evaluate as evaluate_downstream
 from saev.errors import UserError
 from saev.shards.reader import Tokens
 
@@ -223,7 +224,6 @@ def evaluate_ckpts(
     """Score each checkpoint on its eval split; SAEs that share shards, layer, tokens and split
     are fed the same batches, read once. With `downstream`, also splice them into the ViT
     (one clean and one floor pass per group; images under `images_root` if given)."""
-    import saev.downstream
     import saev.nn
     from saev.shards import Shards
     from saev.shards.shuffled import ShuffledLoader, split_images
@@ -296,7 +296,7 @@ def evaluate_ckpts(
         bar.close()
         extra: list[dict] = [{} for _ in members]
         if downstream is not None:
-            docs = saev.downstream.evaluate(
+            docs = evaluate_downstream(
                 saes,
                 shards,
                 layer,
