@@ -10,6 +10,9 @@ interpolation) on the full list of per-token L0s.
 
 Outputs under `--out`: `<member>/evaluation.json` and `<member>/latent_freq.npy` per SAE,
 `<member>/freq_hist.png`, and for the whole set `sweep.csv`, `sweep.md` and `pareto.png`.
+With `--downstream` (saev.downstream), each evaluation.json also gets a `downstream` object
+(what the ViT loses when the SAE replaces its layer), the tables get its columns, and
+`pareto_downstream.png` plots L0 against the fraction recovered.
 """
 
 import csv
@@ -18,12 +21,16 @@ import io
 import logging
 import math
 import pathlib
+import typing
 
 import numpy as np
 import torch
+import tyro
 from jaxtyping import Float
 from torch import Tensor
 
+from saev.downstream import DownstreamConfig, ImagesConfig
+from saev.downstream import evaluate as evaluate_downstream
 from saev.errors import UserError
 from saev.shards.reader import Tokens
 
@@ -174,6 +181,12 @@ class Config:
     """A latent firing on more than this fraction of tokens counts as dense."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
+    downstream: bool = False
+    """Also splice each SAE into the recording's ViT on held-out images: output cosine, KL, top-1 agreement, fraction recovered vs mean-ablation (docs/evaluate.md)."""
+    downstream_cfg: typing.Annotated[DownstreamConfig, tyro.conf.arg(name="downstream")] = (
+        DownstreamConfig()
+    )
+    images: ImagesConfig = ImagesConfig()
 
 
 def find_ckpts(path: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
@@ -205,9 +218,12 @@ def evaluate_ckpts(
     data: DataConfig = DataConfig(),
     dense_threshold: float = 0.1,
     device: str | torch.device = "cpu",
+    downstream: DownstreamConfig | None = None,
+    images_root: pathlib.Path | None = None,
 ) -> list[dict]:
     """Score each checkpoint on its eval split; SAEs that share shards, layer, tokens and split
-    are fed the same batches, read once."""
+    are fed the same batches, read once. With `downstream`, also splice them into the ViT
+    (one clean and one floor pass per group; images under `images_root` if given)."""
     import saev.nn
     from saev.shards import Shards
     from saev.shards.shuffled import ShuffledLoader, split_images
@@ -243,8 +259,10 @@ def evaluate_ckpts(
         if not eval_frac:  # None (saev 0.1, no split) or 0.0 (trained with --data.eval-frac 0)
             logger.warning("%s: no held-out split recorded; scoring on all images.", root)
             imgs, split_name = np.arange(shards.n_imgs), "all"
+            train_imgs = imgs
         else:
-            imgs, split_name = split_images(shards.n_imgs, eval_frac, split_seed)[1], "eval"
+            train_imgs, imgs = split_images(shards.n_imgs, eval_frac, split_seed)
+            split_name = "eval"
             if imgs.size == 0:
                 raise UserError(f"{root}: the eval split is empty (eval_frac={eval_frac}).")
         loader = ShuffledLoader(
@@ -276,7 +294,21 @@ def evaluate_ckpts(
                 if seen >= budget:
                     break
         bar.close()
-        for (name, path, sae), m in zip(members, metrics, strict=True):
+        extra: list[dict] = [{} for _ in members]
+        if downstream is not None:
+            docs = evaluate_downstream(
+                saes,
+                shards,
+                layer,
+                tokens,
+                eval_imgs=imgs,
+                mean_imgs=train_imgs,
+                cfg=downstream,
+                images_root=images_root,
+                device=device,
+            )
+            extra = [{"downstream": {"split": split_name, **doc}} for doc in docs]
+        for (name, path, sae), m, more in zip(members, metrics, extra, strict=True):
             (res,) = m.result()
             results.append(
                 {
@@ -288,6 +320,7 @@ def evaluate_ckpts(
                     "tokens": tokens,
                     "split": split_name,
                     **res,
+                    **more,
                 }
             )
     return results
@@ -309,9 +342,30 @@ TABLE_COLUMNS = (
     "n_tokens",
 )
 
+DOWNSTREAM_COLUMNS = {
+    "downstream_cosine": "cosine",
+    "downstream_kl": "kl",
+    "top1_agreement": "top1_agreement",
+    "recovered_kl": "recovered_kl",
+    "recovered_cosine": "recovered_cosine",
+}
+"""Table column -> key of the `downstream` object; added when any SAE has one."""
+
+
+def table_columns(results: list[dict]) -> tuple[str, ...]:
+    if any("downstream" in r for r in results):
+        return TABLE_COLUMNS + tuple(DOWNSTREAM_COLUMNS)
+    return TABLE_COLUMNS
+
 
 def table_rows(results: list[dict]) -> list[dict]:
-    return [{c: r.get(c) for c in TABLE_COLUMNS} for r in results]
+    rows = []
+    for r in results:
+        row = {c: r.get(c) for c in TABLE_COLUMNS}
+        if "downstream" in r:
+            row.update({c: r["downstream"].get(k) for c, k in DOWNSTREAM_COLUMNS.items()})
+        rows.append({c: row.get(c) for c in table_columns(results)})
+    return rows
 
 
 def fmt(v) -> str:
@@ -321,14 +375,15 @@ def fmt(v) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    rows = table_rows(results)
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+    rows, cols = table_rows(results), table_columns(results)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(results: list[dict], out: pathlib.Path) -> None:
-    """evaluation.json, latent_freq.npy and freq_hist.png per SAE; sweep.csv/md and pareto.png."""
+    """evaluation.json, latent_freq.npy and freq_hist.png per SAE; sweep.csv/md and pareto.png
+    (and pareto_downstream.png when the SAEs were spliced into the ViT)."""
     from saev.helpers import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     out = pathlib.Path(out)
@@ -344,22 +399,26 @@ def write_outputs(results: list[dict], out: pathlib.Path) -> None:
         atomic_write_bytes(d / "latent_freq.npy", buf.getvalue())
         atomic_write_bytes(d / "freq_hist.png", freq_hist_png(r))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=table_columns(results), lineterminator="\n")
     w.writeheader()
     w.writerows(table_rows(results))
     atomic_write_text(out / "sweep.csv", buf.getvalue())
     atomic_write_text(out / "sweep.md", markdown_table(results))
     atomic_write_bytes(out / "pareto.png", pareto_png(results))
+    if any("downstream" in r for r in results):
+        atomic_write_bytes(out / "pareto_downstream.png", pareto_downstream_png(results))
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points not dominated in (lower L0, lower FVU), sorted by L0."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+def pareto_front(points: list[tuple[float, float]], *, maximise: bool = False) -> list[int]:
+    """Indices of the points not dominated in (lower L0, lower y), sorted by L0; with
+    `maximise`, in (lower L0, higher y)."""
+    sign = -1.0 if maximise else 1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], sign * points[i][1]))
     front, best = [], math.inf
     for i in order:
-        if points[i][1] < best:
+        if sign * points[i][1] < best:
             front.append(i)
-            best = points[i][1]
+            best = sign * points[i][1]
     return front
 
 
@@ -369,43 +428,64 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def pareto_png(results: list[dict]) -> bytes:
-    """L0 (mean) vs FVU, one labelled point per SAE, coloured by family, frontier drawn."""
+def _l0_plot(points: list[tuple[dict, float]], *, ylabel: str, title: str, maximise: bool) -> bytes:
+    """L0 (mean) vs a score, one labelled point per SAE, coloured by family, frontier drawn."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    ok = [r for r in results if math.isfinite(r["fvu"]) and math.isfinite(r["l0_mean"])]
-    families = sorted({str(r["family"]) for r in ok})
+    ok = [(r, y) for r, y in points if math.isfinite(y) and math.isfinite(r["l0_mean"])]
+    families = sorted({str(r["family"]) for r, _ in ok})
     for j, fam in enumerate(families):
-        rs = [r for r in ok if str(r["family"]) == fam]
-        ax.scatter([r["l0_mean"] for r in rs], [r["fvu"] for r in rs], label=fam, color=f"C{j}")
-    for r in ok:
+        pts = [(r["l0_mean"], y) for r, y in ok if str(r["family"]) == fam]
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], label=fam, color=f"C{j}")
+    for r, y in ok:
         ax.annotate(
-            r["name"],
-            (r["l0_mean"], r["fvu"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
+            r["name"], (r["l0_mean"], y), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
-    front = pareto_front([(r["l0_mean"], r["fvu"]) for r in ok])
+    front = pareto_front([(r["l0_mean"], y) for r, y in ok], maximise=maximise)
     if len(front) > 1:
         ax.plot(
-            [ok[i]["l0_mean"] for i in front],
-            [ok[i]["fvu"] for i in front],
+            [ok[i][0]["l0_mean"] for i in front],
+            [ok[i][1] for i in front],
             "k--",
             lw=0.8,
             label="Pareto front",
         )
-    if ok and min(r["l0_mean"] for r in ok) > 0:
+    if ok and min(r["l0_mean"] for r, _ in ok) > 0:
         ax.set_xscale("log")
     ax.set_xlabel("L0 (mean active latents per token)")
-    ax.set_ylabel("FVU (fraction of variance unexplained)")
-    ax.set_title(f"L0 vs FVU on the eval split ({len(ok)} SAEs)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} ({len(ok)} SAEs)")
     if families:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def pareto_png(results: list[dict]) -> bytes:
+    """L0 (mean) vs FVU, one labelled point per SAE, coloured by family, Pareto front drawn."""
+    return _l0_plot(
+        [(r, r["fvu"]) for r in results],
+        ylabel="FVU (fraction of variance unexplained)",
+        title="L0 vs FVU on the eval split",
+        maximise=False,
+    )
+
+
+def pareto_downstream_png(results: list[dict]) -> bytes:
+    """L0 (mean) vs the fraction recovered when the SAE replaces its layer: of the KL when every
+    spliced model has a classifier, else of 1 - cosine of the image embeddings."""
+    ds = [r for r in results if "downstream" in r]
+    key = "recovered_kl" if all(r["downstream"]["has_head"] for r in ds) else "recovered_cosine"
+    what = "KL of the logits" if key == "recovered_kl" else "1 - cosine of the embeddings"
+    points = [(r, r["downstream"][key]) for r in ds]
+    return _l0_plot(
+        [(r, math.nan if y is None else y) for r, y in points],
+        ylabel=f"fraction recovered ({what}; 1 = clean, 0 = mean-ablated)",
+        title="L0 vs downstream fraction recovered",
+        maximise=True,
+    )
 
 
 def freq_hist_png(r: dict) -> bytes:
@@ -430,14 +510,26 @@ def freq_hist_png(r: dict) -> bytes:
 def main(cfg: Config) -> None:
     from saev.helpers import resolve_device
 
+    if not cfg.downstream and (
+        cfg.downstream_cfg != DownstreamConfig() or cfg.images != ImagesConfig()
+    ):
+        raise UserError(
+            "--downstream.* and --images.root only apply with --downstream; add --downstream."
+        )
     ckpts = [c for path in cfg.ckpt for c in find_ckpts(path)]
     names = [n for n, _ in ckpts]
     if len(set(names)) != len(names):
         # Same member names from different runs: prefix the parent directory.
         ckpts = [(f"{p.parent.parent.name}-{n}" if names.count(n) > 1 else n, p) for n, p in ckpts]
     results = evaluate_ckpts(
-        ckpts, data=cfg.data, dense_threshold=cfg.dense_threshold, device=resolve_device(cfg.device)
+        ckpts,
+        data=cfg.data,
+        dense_threshold=cfg.dense_threshold,
+        device=resolve_device(cfg.device),
+        downstream=cfg.downstream_cfg if cfg.downstream else None,
+        images_root=cfg.images.root,
     )
     write_outputs(results, cfg.out)
     print(markdown_table(results), end="")
-    print(f"wrote {len(results)} evaluation(s), sweep.csv, sweep.md and pareto.png to {cfg.out}")
+    plots = "pareto.png and pareto_downstream.png" if cfg.downstream else "pareto.png"
+    print(f"wrote {len(results)} evaluation(s), sweep.csv, sweep.md and {plots} to {cfg.out}")

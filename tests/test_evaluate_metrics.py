@@ -76,6 +76,10 @@ def test_hist_quantile_matches_numpy():
 def test_pareto_front_and_freq_hist():
     pts = [(10, 0.5), (20, 0.3), (15, 0.6), (40, 0.31), (5, 0.9)]
     assert pareto_front(pts) == [4, 0, 1]
+    # Fraction recovered: higher is better (lower L0, higher y).
+    assert pareto_front(pts, maximise=True) == [4]
+    rec = [(1, 0.8), (4, 0.7), (8, 0.95), (8, 0.9), (32, 0.99)]
+    assert pareto_front(rec, maximise=True) == [0, 2, 4]
     h = log10_freq_hist(np.array([0.0, 1e-3, 1e-3, 0.5]), bins=8, lo=-8)
     assert h["n_dead"] == 1 and sum(h["counts"]) == 3
 

@@ -162,3 +162,102 @@ def test_image_transform(tiny_clip_config):
     x = make_img_transform("clip", tiny_clip_config)(img)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert saev.vits.DINOV2_ALIASES["dinov2_vitb14_reg"] == "vit_base_patch14_reg4_dinov2.lvd142m"
+
+
+def test_splice_identity_is_bit_identical_and_sees_the_recorded_layout(tiny_clip_config):
+    """fn gets exactly what Recorder stores; returning it unchanged changes nothing."""
+    torch.manual_seed(0)
+    for vit in vits(tiny_clip_config):
+        imgs = torch.randn(1, 3, *vit.image_size)
+        layer = vit.n_blocks - 2
+        rec = Recorder(vit, [layer])
+        expected, stored = rec(imgs)
+        rec.remove()
+        seen = []
+
+        def keep(x, seen=seen):
+            seen.append(x.clone())
+            return x
+
+        with saev.vits.splice(vit, layer, keep):
+            out = vit(imgs)
+        assert torch.equal(out, expected)
+        assert torch.equal(seen[0], stored[:, 0])
+        assert not vit.blocks[layer]._forward_hooks  # the hook is gone after the block
+
+
+def test_splice_replaces_cls_and_patches_and_leaves_registers(tiny_clip_config):
+    """What the next block receives: fn's values at CLS and patches, the registers as they were."""
+    torch.manual_seed(0)
+    for vit in vits(tiny_clip_config):
+        imgs = torch.randn(1, 3, *vit.image_size)
+        layer = 0
+        clean, spliced = {}, {}
+
+        def grab(into, batch_first=vit.batch_first):
+            def hook(module, args, output):
+                x = output if batch_first else output.transpose(0, 1)
+                into["x"] = x.clone()
+
+            return hook
+
+        h = vit.blocks[layer].register_forward_hook(grab(clean))
+        clean_out = vit(imgs)
+        h.remove()
+        with saev.vits.splice(vit, layer, lambda x: torch.full_like(x, 7.0)):
+            h = vit.blocks[layer].register_forward_hook(grab(spliced))  # runs after the splice
+            out = vit(imgs)
+            h.remove()
+        got, want = spliced["x"], clean["x"]
+        n_prefix = vit.n_prefix
+        assert bool((got[:, n_prefix:] == 7.0).all())
+        assert bool((got[:, 0] == 7.0).all()) == vit.cls_token
+        registers = slice(int(vit.cls_token), n_prefix)
+        assert torch.equal(got[:, registers], want[:, registers])
+        assert not torch.equal(out, clean_out)
+
+
+def test_splice_rejects_a_wrong_shape():
+    vit = make_vit("timm", "test_vit", pretrained=False)
+    with saev.vits.splice(vit, 1, lambda x: x[:, 1:]), pytest.raises(ValueError, match="expected"):
+        vit(torch.randn(1, 3, *vit.image_size))
+
+
+def test_head_is_kept_apart_and_the_trunk_is_unchanged(tiny_clip_config):
+    """head=True adds the classifier without touching the trunk's (seeded) random weights."""
+    torch.manual_seed(42)
+    plain = make_vit("timm", "test_vit", pretrained=False)
+    rng = torch.get_rng_state()
+    vit = saev.vits.make_recorded_vit("timm", "test_vit", pretrained=False, seed=42, head=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is left alone
+    for a, b in zip(
+        vit.model.state_dict().values(), plain.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    again = saev.vits.make_recorded_vit("timm", "test_vit", pretrained=False, seed=42, head=True)
+    assert torch.equal(vit.head.weight, again.head.weight)
+    imgs = torch.randn(2, 3, *vit.image_size)
+    emb = vit(imgs)
+    assert torch.equal(emb, plain(imgs)) and vit.head(emb).shape == (2, 1000)
+    other = saev.vits.make_recorded_vit("timm", "test_vit", pretrained=False, seed=43)
+    assert not torch.equal(other.model.cls_token, plain.model.cls_token)
+    assert make_vit("clip", tiny_clip_config, pretrained=False, head=True).head is None
+    assert make_vit("timm", "test_vit", pretrained=False).head is None
+
+
+def test_pretrained_head_comes_from_the_weights_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    full = timm.create_model("test_vit")
+    path = tmp_path / "w.safetensors"
+    save_file(full.state_dict(), str(path))
+    vit = make_vit("timm", f"test_vit/{path}", head=True)
+    assert torch.equal(vit.head.weight, full.head.weight)
+    imgs = torch.randn(1, 3, *vit.image_size)
+    torch.testing.assert_close(vit.head(vit(imgs)), full(imgs), rtol=0, atol=0)
+    # A file without a classifier (saved from a num_classes=0 model) still loads, head None.
+    trunk = tmp_path / "trunk.safetensors"
+    save_file(make_vit("timm", f"test_vit/{path}").model.state_dict(), str(trunk))
+    assert make_vit("timm", f"test_vit/{trunk}", head=True).head is None

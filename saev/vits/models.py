@@ -3,7 +3,9 @@
 The wrapper exposes what recording needs and nothing else: the list of residual blocks, the
 width of the stream, the patch grid, whether token 0 is CLS, and how many prefix tokens
 (CLS + registers) come before the patches in a block's output. All of it is read from the
-model, so the user only names a checkpoint.
+model, so the user only names a checkpoint. `forward` gives the image embedding; a timm
+classifier is kept apart (`head`) and only when asked for (`saev evaluate --downstream`),
+so recording never pays for it.
 
 Checkpoint strings:
 - clip / siglip (open_clip): `ARCH/pretrained-tag` (e.g. `ViT-B-32/openai`), `hf-hub:org/name`,
@@ -56,6 +58,7 @@ class Vit(nn.Module):
         batch_first: bool,
         pretrained: bool,
         transform: typing.Callable,
+        head: nn.Module | None = None,
     ):
         super().__init__()
         self.model = model
@@ -70,6 +73,9 @@ class Vit(nn.Module):
         self.batch_first = batch_first
         self.pretrained = pretrained
         self.transform = transform
+        self.head = head
+        """Classifier from `forward`'s output to logits (timm models built with `head=True` whose
+        checkpoint has one); None otherwise."""
 
     @property
     def n_blocks(self) -> int:
@@ -98,25 +104,45 @@ class Vit(nn.Module):
         return out
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The image embedding: CLIP/SigLIP's projected embedding, a timm model's pooled
+        pre-logits features (its CLS token or mean patch, after the final norm)."""
         return self.model(imgs)
 
 
-def make_vit(family: str, ckpt: str, *, pretrained: bool = True, **kwargs) -> Vit:
+def make_vit(
+    family: str, ckpt: str, *, pretrained: bool = True, head: bool = False, **kwargs
+) -> Vit:
     """Build the ViT named by `family` and `ckpt` in eval mode, without gradients.
 
-    `pretrained=False` gives random weights (the only way to get them). Extra `kwargs` go to
-    `timm.create_model` (e.g. `img_size=`, `depth=` for tiny test models).
+    `pretrained=False` gives random weights (the only way to get them). `head=True` also keeps
+    a timm model's classifier as `vit.head` (None for models without one, and for open_clip);
+    the trunk, and the random weights drawn for it, are the same either way. Extra `kwargs` go
+    to `timm.create_model` (e.g. `img_size=`, `depth=` for tiny test models).
     """
     if family in ("clip", "siglip"):
         vit = _make_open_clip(family, ckpt, pretrained=pretrained, **kwargs)
     elif family in ("dinov2", "timm"):
-        vit = _make_timm(family, ckpt, pretrained=pretrained, **kwargs)
+        vit = _make_timm(family, ckpt, pretrained=pretrained, head=head, **kwargs)
     else:
         raise UserError(
             f"--vit-family {family!r} is unknown; expected one of {', '.join(FAMILIES)}."
         )
     vit.eval().requires_grad_(False)
     return vit
+
+
+def make_recorded_vit(
+    family: str, ckpt: str, *, pretrained: bool, seed: int, head: bool = False
+) -> Vit:
+    """The ViT of a recording (shard metadata `vit_family`, `vit_ckpt`, `pretrained`, `seed`).
+
+    `saev activations` seeds torch's RNG with `seed` before building the model, so random
+    weights (`pretrained=False`) come out bit-identical here. The caller's RNG state is left
+    as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_vit(family, ckpt, pretrained=pretrained, head=head)
 
 
 def make_img_transform(family: str, ckpt: str, **kwargs) -> typing.Callable:
@@ -227,7 +253,15 @@ def _quiet_root_logger():
 # timm
 
 
-def _make_timm(family: str, ckpt: str, *, pretrained: bool, _meta: bool = False, **kwargs) -> Vit:
+def _make_timm(
+    family: str,
+    ckpt: str,
+    *,
+    pretrained: bool,
+    head: bool = False,
+    _meta: bool = False,
+    **kwargs,
+) -> Vit:
     import timm
     import timm.data
 
@@ -255,14 +289,53 @@ def _make_timm(family: str, ckpt: str, *, pretrained: bool, _meta: bool = False,
     try:
         # The meta device builds the architecture without allocating weights (transform only).
         with torch.device("meta") if _meta else contextlib.nullcontext():
-            model = timm.create_model(
-                name, pretrained=pretrained and not _meta, num_classes=0, **kwargs
-            )
+            if head and pretrained and not _meta:
+                model, classifier = _timm_with_head(name, ckpt, **kwargs)
+            else:
+                model = timm.create_model(
+                    name, pretrained=pretrained and not _meta, num_classes=0, **kwargs
+                )
+                classifier = _random_head(model) if head and not _meta else None
     except (RuntimeError, OSError, ValueError) as err:
         raise UserError(_load_error(family, ckpt, err)) from err
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg)
-    return _wrap_timm(model, family=family, ckpt=ckpt, pretrained=pretrained, transform=transform)
+    return _wrap_timm(
+        model,
+        family=family,
+        ckpt=ckpt,
+        pretrained=pretrained,
+        transform=transform,
+        head=classifier,
+    )
+
+
+def _timm_with_head(name: str, ckpt: str, **kwargs) -> tuple[nn.Module, nn.Module | None]:
+    """A pretrained timm model and its own classifier, split so that the model returns the
+    pre-logits features as with `num_classes=0`."""
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except RuntimeError as err:  # e.g. a local weights file saved without its classifier
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        logger.warning("%s: no classifier weights (%s); logits are not available.", ckpt, first)
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs), None
+    if not getattr(model, "num_classes", 0):
+        return model, None
+    classifier = model.get_classifier()
+    model.reset_classifier(0)
+    return model, classifier
+
+
+def _random_head(model: nn.Module) -> nn.Module | None:
+    """A random classifier of the architecture's default size, drawn after the trunk from the
+    same RNG (so it is reproducible from the recording's seed, and the trunk is untouched)."""
+    n_classes = int((getattr(model, "pretrained_cfg", None) or {}).get("num_classes") or 0)
+    if n_classes <= 0:
+        return None
+    d = int(getattr(model, "head_hidden_size", model.num_features))
+    return nn.Linear(d, n_classes)
 
 
 def _wrap_timm(
@@ -273,6 +346,7 @@ def _wrap_timm(
     pretrained: bool,
     transform: typing.Callable,
     model: nn.Module | None = None,
+    head: nn.Module | None = None,
 ) -> Vit:
     if not hasattr(trunk, "blocks") or not hasattr(trunk, "patch_embed"):
         raise UserError(f"--vit-ckpt {ckpt!r}: {type(trunk).__name__} is not a vision transformer.")
@@ -292,6 +366,7 @@ def _wrap_timm(
         batch_first=True,
         pretrained=pretrained,
         transform=transform,
+        head=head,
     )
 
 
