@@ -2,7 +2,7 @@
 
 Both sides use the same model, device, batch size and images. The bare side runs the full
 forward on images already decoded and transformed in memory (the best case); the recording
-side is the real `saev activations` path (`saev.shards.record.record`) end to end: image
+side is the real `saev activations` path (`saev.activations.record`) end to end: image
 decoding in DataLoader workers, hooks, the background shard writer, fsync.
 
     python benchmarks/record.py --vit-family clip --vit-ckpt ViT-B-16 --n-imgs 4096 --batch-size 256 --n-workers 8
@@ -14,8 +14,8 @@ import time
 
 import torch
 
+import saev.activations as rec
 from saev.images import Demo, ImageDataset
-from saev.shards import record as rec
 from saev.vits import make_vit
 
 

@@ -3,13 +3,15 @@
 Each command lives in its own module that exposes a frozen `Config` dataclass (its field
 docstrings are the `--help` text, via tyro) and `main(cfg)`. Modules are imported only
 when their command runs, so `--help` on one command does not import every other one.
+Command lines written for saev 0.1 go through `saev.migrate` first: its flags are
+translated (with a `note:` line) or refused with what replaced them.
 """
 
 import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "activations": ("saev.shards.record", "Record a ViT's residual stream to activation shards."),
+    "activations": ("saev.activations", "Record a ViT's residual stream to activation shards."),
     "train": (
         "saev.train.main",
         "Train an SAE, or a whole sweep grid in one pass over the shards.",
@@ -42,6 +44,7 @@ def usage() -> str:
 def run(argv: list[str]) -> int:
     import tyro
 
+    from saev import migrate
     from saev.errors import UserError
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -49,14 +52,17 @@ def run(argv: list[str]) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
+        hint = migrate.COMMANDS_01.get(name)
         print(
-            f"error: unknown command {name!r}; expected one of: {', '.join(COMMANDS)}.",
+            f"error: unknown command {name!r}; "
+            + (f"{hint}." if hint else f"expected one of: {', '.join(COMMANDS)}."),
             file=sys.stderr,
         )
         return 2
     module_name, description = COMMANDS[name]
     module = importlib.import_module(module_name)
     try:
+        rest = migrate.translate_argv(name, rest)  # saev 0.1 flags: translated, or refused
         cfg = tyro.cli(
             module.Config, args=rest, prog=f"python -m saev {name}", description=description
         )

@@ -1,9 +1,13 @@
-"""What every image dataset turns into: an ordered list of files with labels.
+"""What every image dataset turns into: an ordered list of images with labels.
 
 An `ImageList` is fixed before any activation is recorded (shards are laid out by image
 index), so files that are clearly not images are dropped here, up front, and reported in
 `skipped`. A file that passes the header check but fails to decode later is handled by
 `ImageDataset`: it reports the failure instead of raising inside a DataLoader worker.
+
+Most datasets are files under a root; a dataset whose images live elsewhere (rows of a
+Hugging Face dataset, `images:hf`) gives its list a `Reader` that opens image `i` and knows
+each image's size in bytes (what the dataset's fingerprint is made of).
 """
 
 import concurrent.futures
@@ -28,9 +32,22 @@ IMAGE_EXTS = frozenset(
 )
 
 
+class Reader(typing.Protocol):
+    """Images that are not files under the list's root: opened by index."""
+
+    def __call__(self, i: int) -> PIL.Image.Image:
+        """Image `i` (may raise OSError/ValueError when it cannot be decoded)."""
+        ...
+
+    def sizes(self) -> list[int]:
+        """Size in bytes of each image as stored, in recording order."""
+        ...
+
+
 @dataclasses.dataclass
 class ImageList:
-    """Images in recording order: `paths[i]` is relative to `root`; `labels[name][i]` a string."""
+    """Images in recording order: `paths[i]` is relative to `root` (or, with a `reader`, an id
+    shown to the user); `labels[name][i]` a string."""
 
     root: pathlib.Path
     paths: list[str]
@@ -39,9 +56,17 @@ class ImageList:
     """JSON description stored in metadata.json `data` (kind, root, split, ...)."""
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """(path, reason) of files left out before recording."""
+    reader: Reader | None = None
+    """Opens image i when the images are not files under `root`; None: the file root/paths[i]."""
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def open(self, i: int) -> PIL.Image.Image:
+        """Image `i`, not decoded yet (use as a context manager; OSError when unreadable)."""
+        if self.reader is not None:
+            return self.reader(i)
+        return PIL.Image.open(self.root / self.paths[i])
 
     def rows(self) -> list[dict[str, str]]:
         """One dict per image for images.csv: path, then every label."""
@@ -53,6 +78,8 @@ class ImageList:
     @functools.cached_property
     def sizes(self) -> list[int]:
         """Size in bytes of each file, in recording order (one `stat` per file, threaded)."""
+        if self.reader is not None:
+            return self.reader.sizes()
 
         def size(rel: str) -> int:
             try:
@@ -114,21 +141,20 @@ class ImageDataset(torch.utils.data.Dataset):
     case the image is all zeros and the caller decides (skip-and-log or stop with --strict)."""
 
     def __init__(self, images: ImageList, transform: typing.Callable, image_size: tuple[int, int]):
-        self.root = images.root
-        self.paths = images.paths
+        self.images = images
         self.transform = transform
         self.image_size = image_size
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            with PIL.Image.open(self.root / self.paths[i]) as img:
+            with self.images.open(i) as img:
                 x = self.transform(img.convert("RGB"))
             return x, i, True
         except (OSError, ValueError, SyntaxError) as err:
-            logger.debug("failed to decode %s: %s", self.paths[i], err)
+            logger.debug("failed to decode %s: %s", self.images.paths[i], err)
             return torch.zeros(3, *self.image_size), i, False
 
 

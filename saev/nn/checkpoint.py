@@ -7,12 +7,17 @@ stack axis). `config.json` is written last, so a directory without it is incompl
 
 `load` also reads reference saev 0.1 `sae.pt` files: one JSON header line, then a torch
 state dict. Those are read with `torch.load(weights_only=True)`, which refuses anything
-but tensors and plain containers; such a refusal becomes a UserError.
+but tensors and plain containers; such a refusal becomes a UserError. A 0.1 run directory
+(`sae.pt` and 0.1's training `config.json`) loads the same way, and its config says how the
+SAE's inputs were normalised, which layer and tokens it read, and from which shards. A loaded
+0.1 SAE is a `LegacySAE`: `x_hat, f_x, loss = sae(x)` as with 0.1's own module.
 
-saev 0.1 trained on normalised inputs, (x - m) / c with m the dataset mean and c chosen so
-that E||x - m|| / c = sqrt(d_vit), and did not store m or c in sae.pt. A loaded 0.1 SAE is
-therefore marked `cfg["input_normalisation"] = LEGACY_UNKNOWN` until `calibrate_legacy`
-re-estimates m and c from activations and folds them into the input scale and b_dec.
+saev 0.1 normalised its inputs, x' = (x - m) / c with m the dataset mean (`scale_mean`) and c
+chosen so that E||x - m|| / c = sqrt(d_vit) (`scale_norm`), both on by default, and did not
+store m or c in sae.pt. A 0.1 SAE trained with either is therefore marked
+`cfg["input_normalisation"] = LEGACY_UNKNOWN` until `calibrate_legacy` re-estimates m and c
+from activations and folds them into the input scale and b_dec; one trained with both off
+(the 0.1 guide's advice) takes raw activations as it is.
 """
 
 import io
@@ -45,6 +50,8 @@ LEGACY_UNKNOWN = "unknown (saev 0.1: re-estimate from shards)"
 """`cfg["input_normalisation"]` of a saev 0.1 SAE that `calibrate_legacy` has not seen yet."""
 LEGACY_SAMPLE_TOKENS = 100_000
 """Tokens `calibrate_legacy_from_shards` reads (the first ones in image order)."""
+LEGACY_RAW = "none (saev 0.1 with scale_mean and scale_norm false: raw activations)"
+"""`cfg["input_normalisation"]` of a saev 0.1 SAE trained on raw activations."""
 
 
 class SAE(nn.Module):
@@ -118,6 +125,52 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
 
+class Loss(typing.NamedTuple):
+    """saev 0.1's loss terms, the third value of its `SparseAutoencoder.forward` (0.1's
+    saev/nn.py), computed on the input given: scalars, averaged over every leading axis."""
+
+    mse: Tensor
+    """Mean over all elements of (x_hat - x)^2 (0.1: `safe_mse(x_hat, x).mean()`)."""
+    sparsity: Tensor
+    """sparsity_coeff * l1, with 0.1's coefficient from the checkpoint (0 when it names none)."""
+    ghost_grad: Tensor
+    """0: 0.1's ghost-gradient loss only ran in training."""
+    l0: Tensor
+    """Mean number of nonzero latents per token."""
+    l1: Tensor
+    """Mean sum of the latents per token."""
+
+    @property
+    def loss(self) -> Tensor:
+        """Total loss, as 0.1's `Loss.loss`: mse + sparsity + ghost_grad."""
+        return self.mse + self.sparsity + self.ghost_grad
+
+
+class LegacySAE(SAE):
+    """A saev 0.1 SAE loaded by `load`: calling it gives `(x_hat, f_x, loss)` as 0.1's module
+    did (`loss` a `Loss`); `encode`, `decode` and everything else are `SAE`'s.
+
+    Its inputs are raw activations, like every saev SAE, once its input normalisation is
+    known (`needs_calibration` is False); until then it computes exactly 0.1's module on the
+    activations given, which is what 0.1's inference guide did with raw activations.
+    """
+
+    def forward(self, x: Float[Tensor, "*batch d_vit"]) -> tuple[Tensor, Tensor, Loss]:
+        f_x = self.encode(x)
+        x_hat = self.decode(f_x)
+        lam = self.cfg.get("legacy_sparsity_coeff") or 0.0
+        l1 = f_x.sum(-1).mean()
+        zero = torch.zeros((), dtype=x_hat.dtype, device=x_hat.device)
+        loss = Loss(
+            mse=(x_hat - x).pow(2).mean(),
+            sparsity=lam * l1,
+            ghost_grad=zero,
+            l0=(f_x > 0).sum(-1).to(x_hat.dtype).mean(),
+            l1=l1,
+        )
+        return x_hat, f_x, loss
+
+
 @jaxtyped(typechecker=beartype)
 def save(
     stack: Stack | SAE, member_i: int, ckpt_dir: str | os.PathLike, extra: dict | None = None
@@ -151,7 +204,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
         raise UserError(f"{path}: not a checkpoint file; expected {_EXPECTED}.")
     ckpt_dir = path if path.is_dir() else path.parent
     cfg_path, weights_path = ckpt_dir / CONFIG_NAME, ckpt_dir / WEIGHTS_NAME
-    if not cfg_path.is_file() and (ckpt_dir / "sae.pt").is_file():
+    if not weights_path.is_file() and (ckpt_dir / "sae.pt").is_file():
+        # A saev 0.1 run directory: sae.pt, and 0.1's training config.json beside it.
         return _load_legacy_warn(ckpt_dir / "sae.pt").to(device)
     for p in (cfg_path, weights_path):
         if not p.is_file():
@@ -210,7 +264,7 @@ LEGACY_SUFFIXES = (".pt", ".pth", ".bin")
 """File suffixes `load` reads as reference saev 0.1 checkpoints."""
 _EXPECTED = (
     f"an SAE checkpoint directory ({CONFIG_NAME} + {WEIGHTS_NAME}), one of those two files, "
-    "or a saev 0.1 sae.pt"
+    "a saev 0.1 sae.pt or its run directory"
 )
 _CORE_KEYS = ("schema", "family", "d_vit", "d_sae", "hparams")
 _INFERENCE_HPARAMS = {"topk": ("k",), "vsae-topk": ("k",), "matryoshka": ("base", "k")}
@@ -363,21 +417,24 @@ def _line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _load_legacy_warn(path: pathlib.Path) -> SAE:
+def _load_legacy_warn(path: pathlib.Path) -> LegacySAE:
     sae = _load_legacy(path)
-    logger.warning(
-        "%s: a saev 0.1 checkpoint; it was trained on mean-centred, rescaled activations "
-        "whose statistics sae.pt does not store, so its codes on raw activations are wrong "
-        "until saev.nn.calibrate_legacy re-estimates them from shards (saev evaluate, "
-        "visuals and probe do this).",
-        path,
-    )
+    if sae.needs_calibration:
+        logger.warning(
+            "%s: a saev 0.1 checkpoint; it was trained on %s activations whose statistics "
+            "sae.pt does not store, so its codes on raw activations are wrong until "
+            "saev.nn.calibrate_legacy re-estimates them from shards (saev evaluate, visuals and "
+            "probe do this).",
+            path,
+            _scaling_words(sae.cfg["legacy_scaling"]),
+        )
     return sae
 
 
-def _load_legacy(path: pathlib.Path) -> SAE:
+def _load_legacy(path: pathlib.Path) -> LegacySAE:
     """Reference saev 0.1: a JSON header line then `torch.save(state_dict)`; a ReLU SAE with
-    input scale 1 and its input normalisation marked unknown (see `calibrate_legacy`)."""
+    input scale 1, and what 0.1's training config (the header, and the run's config.json
+    beside sae.pt) says of its input normalisation, layer, tokens and shards."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -417,9 +474,11 @@ def _load_legacy(path: pathlib.Path) -> SAE:
             f"{path}: the header says d_vit={cfg['d_vit']} but tensor 'W_enc' has shape "
             f"{[d_vit, d_sae]}; expected [d_vit, d_sae]."
         )
+    run_path = path.parent / CONFIG_NAME
+    run = _read_legacy_run(run_path)
     hp = {"seed": cfg["seed"]} if type(cfg.get("seed")) is int and cfg["seed"] >= 0 else {}
-    lam = cfg.get("sparsity_coeff")
-    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+    lam = _legacy_sparsity_coeff(cfg, run)
+    if lam is not None:
         hp["sparsity_coeff"] = lam  # range checked by check_hparams, which names the file
     stack = _make("relu", d_vit, d_sae, hp, path)
     with torch.no_grad():
@@ -432,10 +491,70 @@ def _load_legacy(path: pathlib.Path) -> SAE:
                 )
             _check_tensor(path, key, state[key], want.dtype)
             want.copy_(state[key][None].float())
-    return SAE(
-        stack,
-        {"legacy_header": header, "source": str(path), "input_normalisation": LEGACY_UNKNOWN},
-    )
+    data = run.get("data") if isinstance(run.get("data"), dict) else cfg.get("data")
+    data = data if isinstance(data, dict) else {}
+    scaling = {
+        "mean": bool(data.get("scale_mean", True)),
+        "norm": bool(data.get("scale_norm", True)),
+    }
+    extra: dict[str, typing.Any] = {
+        "legacy_header": header,
+        "source": str(path),
+        "legacy_sparsity_coeff": lam,
+        "legacy_scaling": scaling,
+        "input_normalisation": LEGACY_UNKNOWN if scaling["mean"] or scaling["norm"] else LEGACY_RAW,
+    }
+    if run:
+        extra["legacy_run"] = {"config": str(run_path), **run}
+        extra.update(_legacy_data_keys(data))
+    return LegacySAE(stack, extra)
+
+
+def _read_legacy_run(path: pathlib.Path) -> dict[str, typing.Any]:
+    """saev 0.1's training config (`config.json` beside its sae.pt), or {} when there is none.
+    A saev checkpoint config (it has a `schema`) is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"{path}: not a readable JSON file ({_line(err)}); expected saev 0.1's training "
+            "config beside its sae.pt (or no file)."
+        ) from err
+    if not isinstance(run, dict) or "schema" in run:
+        return {}
+    return run
+
+
+def _legacy_sparsity_coeff(header_cfg: dict, run: dict) -> float | None:
+    """0.1's sparsity coefficient: in the header (0.1 kept it in the SAE config), or in the
+    run's `sae` or `objective` table."""
+    for where in (header_cfg, run.get("sae"), run.get("objective")):
+        lam = where.get("sparsity_coeff") if isinstance(where, dict) else None
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+            return float(lam)
+    return None
+
+
+def _legacy_data_keys(data: dict) -> dict[str, typing.Any]:
+    """`layer`, `tokens` and `shard_root` as saev records them, from 0.1's `data` table
+    (0.1's "all"/"meanpool" layers and "meanpool" patches have no saev counterpart)."""
+    out: dict[str, typing.Any] = {}
+    if type(data.get("layer")) is int:
+        out["layer"] = data["layer"]
+    if data.get("patches") in ("patches", "cls"):
+        out["tokens"] = data["patches"]
+    if isinstance(data.get("shard_root"), str) and data["shard_root"]:
+        out["shard_root"] = data["shard_root"]
+    return out
+
+
+def _scaling_words(scaling: dict[str, bool]) -> str:
+    parts = [
+        w for w, on in (("mean-centred", scaling["mean"]), ("rescaled", scaling["norm"])) if on
+    ]
+    return ", ".join(parts) or "raw"
 
 
 # saev 0.1 input normalisation.
@@ -445,12 +564,14 @@ def _load_legacy(path: pathlib.Path) -> SAE:
 def calibrate_legacy(sae: SAE, sample: Float[Tensor, "n d_vit"]) -> SAE:
     """Re-estimate a saev 0.1 SAE's input normalisation from raw activations and fold it in.
 
-    saev 0.1 fed its SAE x' = s*(x - m), with m the sample mean and s = sqrt(d_vit) /
-    mean ||x - m|| over the sample. This stack computes x~ = s*x - b_dec and decodes
-    (f W_dec + b_dec) / s, so setting the input scale to s and b_dec <- b_dec + s*m gives
-    x~ = x' - b_dec (the 0.1 encoder input) and a decode of (x'_hat / s) + m: exactly the
-    0.1 SAE on the normalised activations, mapped back to raw units. Modifies `sae` in
-    place and returns it; `sample` should be the SAE's layer and token selection.
+    saev 0.1 fed its SAE x' = s*(x - m), with m the sample mean (0 with scale_mean off) and
+    s = sqrt(d_vit) / mean ||x - m|| over the sample (1 with scale_norm off). This stack
+    computes x~ = s*x - b_dec and decodes (f W_dec + b_dec) / s, so setting the input scale
+    to s and b_dec <- b_dec + s*m gives x~ = x' - b_dec (the 0.1 encoder input) and a decode
+    of (x'_hat / s) + m: exactly the 0.1 SAE on the normalised activations, mapped back to
+    raw units. Which of m and s 0.1 used is `cfg["legacy_scaling"]` (from the run's config;
+    both when unknown). Modifies `sae` in place and returns it; `sample` should be the SAE's
+    layer and token selection.
     """
     if not sae.needs_calibration:
         raise ValueError(
@@ -462,22 +583,26 @@ def calibrate_legacy(sae: SAE, sample: Float[Tensor, "n d_vit"]) -> SAE:
             f"saev 0.1 calibration needs at least 2 activations of d_vit={sae.d_vit}; "
             f"got {list(sample.shape)}."
         )
+    scaling = sae.cfg.get("legacy_scaling") or {"mean": True, "norm": True}
     x = sample.detach().to(torch.float64)
-    mean = x.mean(0)
+    mean = x.mean(0) if scaling["mean"] else torch.zeros_like(x[0])
     mean_norm = float((x - mean).norm(dim=-1).mean())
-    if not math.isfinite(mean_norm) or mean_norm <= 0:
+    if scaling["norm"] and (not math.isfinite(mean_norm) or mean_norm <= 0):
         raise UserError(
             f"saev 0.1 calibration: the activation sample has mean centred norm {mean_norm}; "
             "expected a finite value > 0."
         )
-    s = math.sqrt(sae.d_vit) / mean_norm
+    s = math.sqrt(sae.d_vit) / mean_norm if scaling["norm"] else 1.0
     stack = sae.stack
     with torch.no_grad():
         stack.scale.fill_(s)
         stack.b_dec.add_((s * mean).to(stack.b_dec)[None])
     sae.cfg["input_scale"] = float(stack.scale[0])
     sae.cfg["input_normalisation"] = {
-        "rule": "saev 0.1: x' = s*(x - mean), s = sqrt(d_vit) / mean ||x - mean||",
+        "rule": "saev 0.1: x' = s*(x - mean), "
+        + ("mean: the sample mean" if scaling["mean"] else "mean = 0 (scale_mean off)")
+        + ", "
+        + ("s = sqrt(d_vit) / mean ||x - mean||" if scaling["norm"] else "s = 1 (scale_norm off)"),
         "n_tokens": int(x.shape[0]),
         "mean_norm": mean_norm,
         "scale": s,

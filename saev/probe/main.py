@@ -20,6 +20,7 @@ import torch
 
 from saev.errors import UserError
 from saev.helpers import resolve_device
+from saev.images.recorded import image_index
 from saev.probe import ablate, align, intersect, report, reps, split
 from saev.probe import fit as fitting
 from saev.shards import Shards
@@ -36,6 +37,14 @@ class Data:
 
 
 @dataclasses.dataclass(frozen=True)
+class Images:
+    """Where the images are (only needed for saev 0.1 shards, which keep no image index)."""
+
+    root: pathlib.Path | None = None
+    """saev 0.1 shards of an image folder: that folder; their image index and `class` labels are rebuilt from it in ImageFolder order, as 0.1 recorded them."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Probe image attributes in a ViT's activations and in an SAE's latents."""
 
@@ -43,7 +52,7 @@ class Config:
     out: pathlib.Path
     """Output directory: report.json, report.html, PNGs, and the representation cache."""
     ckpt: pathlib.Path | None = None
-    """SAE checkpoint directory (or sae.safetensors / saev-0.1 sae.pt); omit for raw ViT only."""
+    """SAE checkpoint directory (or sae.safetensors, a saev 0.1 sae.pt or its run directory); omit for raw ViT only."""
     attributes: tuple[str, ...] = ("age", "gender", "race")
     """Label columns of the image index to probe (FairFace: age gender race)."""
     pool: tuple[typing.Literal["mean", "max"], ...] = ("mean", "max")
@@ -78,6 +87,7 @@ class Config:
     """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     seed: int = 0
     """Seed of the random split and of the validation fold."""
+    images: Images = Images()
 
 
 def natural_key(s: str):
@@ -94,8 +104,8 @@ class Attribute:
     n_missing: int
 
 
-def read_attributes(shards: Shards, names: tuple[str, ...]) -> dict[str, Attribute]:
-    index = shards.images
+def read_attributes(shards: Shards, index, names: tuple[str, ...]) -> dict[str, Attribute]:
+    """The label columns `names` of `index` (images.csv, or one rebuilt for saev 0.1 shards)."""
     missing = [a for a in names if a not in index.label_names]
     if missing:
         raise UserError(
@@ -209,7 +219,8 @@ def main(cfg: Config) -> None:
     device = resolve_device(cfg.device)
     shards = Shards(cfg.data.shard_root)
     md = shards.md
-    attrs = read_attributes(shards, cfg.attributes)
+    index = image_index(shards, cfg.images.root)
+    attrs = read_attributes(shards, index, cfg.attributes)
     crosses = parse_crosses(cfg)
     if cfg.ckpt is not None:
         sae, layer = load_sae(cfg, shards)
@@ -225,7 +236,6 @@ def main(cfg: Config) -> None:
             cfg.visuals,
         )
 
-    index = shards.images
     split_col = index.labels("split") if "split" in index.label_names else None
     strata = list(zip(*(index.labels(a) for a in cfg.attributes), strict=True))
     test, split_desc = split.make_split(

@@ -13,6 +13,7 @@ import tomllib
 import types
 import typing
 
+from saev import migrate
 from saev.errors import UserError
 from saev.train.config import HPARAM_FIELDS, PASS_KEYS, RUN_KEYS, STACK_KEYS, Config
 
@@ -236,6 +237,14 @@ def read_toml(path: pathlib.Path) -> dict[str, typing.Any]:
         raise UserError(f"{path}: not valid TOML ({err}).") from err
 
 
+def read_sweep(path: pathlib.Path, shard_root: pathlib.Path | None = None) -> dict[str, typing.Any]:
+    """The sweep TOML at `path`; a saev 0.1 sweep file is read as the saev sweep it means
+    (saev.migrate; `shard_root` is --data.shard-root, for its d_vit)."""
+    return migrate.translate_sweep(
+        read_toml(path), source=str(path), known=fields(), shard_root=shard_root
+    )
+
+
 def parse_axes(
     raw: dict[str, typing.Any], *, source: str
 ) -> tuple[dict[str, typing.Any], dict[str, list[typing.Any]]]:
@@ -283,7 +292,7 @@ def expand(cfg: Config) -> list[Member]:
         check_applicable([cfg], source="the command line", flag=True)
         return [Member(0, f"000-{cfg.sae.family}", cfg, {})]
     source = str(cfg.sweep)
-    fixed, axes = parse_axes(read_toml(cfg.sweep), source=source)
+    fixed, axes = parse_axes(read_sweep(cfg.sweep, cfg.data.shard_root), source=source)
     flags = explicit_flags(cfg)
     for key in flags:
         fixed.pop(key, None)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from saev.errors import UserError
 from saev.helpers import resolve_device
+from saev.images.recorded import Recorded, recorded
 from saev.visuals import render, site, topk
 
 logger = logging.getLogger("saev.visuals")
@@ -43,13 +44,13 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ImagesConfig:
     root: pathlib.Path | None = None
-    """Directory the image index paths are relative to; default: the dataset root recorded in the shards' metadata (`data.root`)."""
+    """Where the images are: the directory the image index paths are relative to (images:hf: the save_to_disk directory); default: where the shards' metadata says they were recorded from. Required for saev 0.1 shards of an image folder (their image order is rebuilt from it)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     ckpt: pathlib.Path
-    """SAE checkpoint directory (config.json + sae.safetensors) or a saev 0.1 sae.pt."""
+    """SAE checkpoint directory (config.json + sae.safetensors), a saev 0.1 sae.pt or its run directory."""
     out: pathlib.Path
     """Output directory: index.html, latents/<id>.html, images, heatmaps and the pass cache."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -103,7 +104,7 @@ def main(cfg: Config) -> None:
     saev.nn.calibrate_legacy_from_shards(sae, shards, layer, "patches")
     device = resolve_device(cfg.device)
     sae = sae.to(device).eval()
-    image_root = _image_root(cfg.images.root, shards)
+    images = recorded(shards, cfg.images.root, placeholders_ok=True)
 
     key = cache_key(cfg.ckpt, shards, layer)
     result = load_cache(cfg.out, key, cfg.top_n) if not cfg.recompute else None
@@ -133,7 +134,7 @@ def main(cfg: Config) -> None:
         result,
         latents,
         out=cfg.out,
-        image_root=image_root,
+        images=images,
         batch_size=cfg.batch_size,
         device=device,
         colormap=cfg.colormap,
@@ -146,7 +147,7 @@ def main(cfg: Config) -> None:
         "images": result.n_imgs,
         "patches": result.n_tokens,
     }
-    site.write_site(cfg.out, views, result, info, base_rates(shards))
+    site.write_site(cfg.out, views, result, info, base_rates(images.index))
 
     n_dead = int((result.count == 0).sum())
     how = (
@@ -161,15 +162,15 @@ def main(cfg: Config) -> None:
     print(
         f"rendered {len(views)} latents over {n_imgs} images"
         + (
-            f" ({n_missing} missing or unreadable under {image_root}, drawn as placeholders)"
+            f" ({n_missing} missing or unreadable in {images.where}, drawn as placeholders)"
             if n_missing
             else ""
         )
         + f" in {time.perf_counter() - t0:.1f}s; open {cfg.out / 'index.html'}"
     )
-    if n_imgs and n_missing == n_imgs:
+    if n_imgs and n_missing == n_imgs and images.index is not None:
         print(
-            f"warning: none of the {n_imgs} images were found under {image_root}; check --images.root."
+            f"warning: none of the {n_imgs} images were found in {images.where}; check --images.root."
         )
 
 
@@ -215,21 +216,6 @@ def check_compatible(sae, shards, layer: int | None, ckpt: pathlib.Path) -> int:
             f"layers {md.layers}; pass the shards it was trained on (or --layer)."
         )
     return md.resolve_layer(layer) if layer not in md.layers else layer
-
-
-def _image_root(root: pathlib.Path | None, shards) -> pathlib.Path:
-    if root is None and not (shards.root / "images.csv").is_file():
-        return pathlib.Path(".")  # no image index (saev 0.1 shards): every image is a placeholder
-    if root is None:
-        recorded = shards.md.data.get("root") if isinstance(shards.md.data, dict) else None
-        if not recorded:
-            raise UserError(
-                f"{shards.root / 'metadata.json'} records no dataset root (data.root); pass --images.root."
-            )
-        root = pathlib.Path(recorded)
-    if not root.is_dir():
-        raise UserError(f"--images.root {root}: no such directory.")
-    return root
 
 
 # The pass and its cache
@@ -354,7 +340,7 @@ def render_latents(
     latents: np.ndarray,
     *,
     out: pathlib.Path,
-    image_root: pathlib.Path,
+    images: Recorded,
     batch_size: int,
     device,
     colormap: str = "plasma",
@@ -372,7 +358,7 @@ def render_latents(
             if img >= 0:
                 wanted[int(img)].append((li, rank))
     imgs = sorted(wanted)
-    index = _image_index(shards)
+    index = images.index
     label_names = index.label_names if index is not None else []
     labels = {name: index.labels(name) for name in label_names}
     pos, sl = shards.layer_pos(layer), shards.token_slice("patches")
@@ -391,8 +377,11 @@ def render_latents(
             grids = f.index_select(2, latent_t).cpu().numpy()  # [b, n_patches, len(latents)]
             for bi, img in enumerate(batch):
                 rel = index.path(img) if index is not None else ""
+                opened = images.open(img)
                 image = (
-                    render.load_image(image_root / rel, md.image_size, geometry) if rel else None
+                    None
+                    if opened is None
+                    else render.prepare_image(opened, md.image_size, geometry)
                 )
                 missing = image is None
                 n_missing += missing
@@ -432,17 +421,8 @@ def render_latents(
     return views, n_missing, len(imgs)
 
 
-def _image_index(shards):
-    # Reference saev 0.1 directories have no images.csv: render placeholders, no labels.
-    if not (shards.root / "images.csv").is_file():
-        logger.warning("%s has no images.csv; images are drawn as placeholders.", shards.root)
-        return None
-    return shards.images
-
-
-def base_rates(shards) -> dict[str, dict[str, float]]:
+def base_rates(index) -> dict[str, dict[str, float]]:
     """Per categorical label: the share of each value over all labelled images."""
-    index = _image_index(shards)
     if index is None:
         return {}
     rates = {}

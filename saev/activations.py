@@ -1,5 +1,11 @@
 """`python -m saev activations`: record a ViT's residual stream over an image dataset.
 
+The command, top to bottom: check the flags, build the ViT and the image list, pick the shard
+directory (named by a hash of the recording's settings), check that a re-run is of the same
+dataset, then run the ViT loop into the shard writer. At the end of the module, the saev 0.1
+inference API (`make_vit`, `make_img_transform`, `RecordedVisionTransformer`) as a thin layer
+over `saev.vits`, so notebooks written for saev 0.1 run unchanged.
+
 The loop is: DataLoader workers decode and transform images (pinned memory, prefetch) while
 the ViT runs; forward hooks copy the chosen blocks' outputs into one buffer; a background
 thread writes it to the shard files. So the GPU only ever waits on the ViT.
@@ -21,8 +27,11 @@ import time
 import typing
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from saev import vits
 from saev.errors import UserError
 from saev.helpers import resolve_device, short_hash
 from saev.images import Demo, ImageDataset, ImageList, Images
@@ -36,7 +45,7 @@ from saev.shards.writer import (
     write_image_index,
 )
 
-logger = logging.getLogger("saev.shards.record")
+logger = logging.getLogger("saev.activations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +148,13 @@ def output_dir(dump_to: pathlib.Path, md: Metadata) -> pathlib.Path:
 
 def record(cfg: Config) -> pathlib.Path:
     """Run (or resume) this job's part of the recording; returns the shard directory."""
-    from saev.vits import make_vit
-
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     images = cfg.images.load(strict=cfg.strict)
     # Random weights come from torch's RNG: seed it so a resumed or split run builds the same
     # random model (and so writes the same bytes).
     torch.manual_seed(cfg.seed)
-    vit = make_vit(cfg.vit_family, cfg.vit_ckpt, pretrained=not cfg.random_weights)
+    vit = vits.make_vit(cfg.vit_family, cfg.vit_ckpt, pretrained=not cfg.random_weights)
     if cfg.random_weights:
         print(
             f"*** RANDOM WEIGHTS: {cfg.vit_ckpt} is randomly initialised (metadata pretrained=false). ***"
@@ -187,10 +194,8 @@ def record_images(
     cfg: Config, vit, layers: list[int], images: ImageList, writer: ShardWriter, device
 ) -> None:
     """The ViT loop: images [writer.start_img, writer.stop_img) into the writer."""
-    from saev.vits import Recorder
-
     vit = vit.to(device)
-    recorder = Recorder(vit, layers)
+    recorder = vits.Recorder(vit, layers)
     loader = torch.utils.data.DataLoader(
         ImageDataset(images, vit.transform, vit.image_size),
         batch_sampler=shard_aligned_batches(
@@ -298,3 +303,63 @@ def submit(cfg: Config, executor=None) -> list:
         f"logs: {cfg.log_to}; re-run the same command without --slurm to check or finish the recording."
     )
     return jobs
+
+
+# The saev 0.1 inference API.
+#
+# saev 0.1's inference guide gets an SAE's codes for one image like this:
+#
+#     vit = saev.activations.make_vit("clip", "ViT-B-16/openai")
+#     recorded_vit = saev.activations.RecordedVisionTransformer(vit, 196, True, [10])
+#     x = saev.activations.make_img_transform("clip", "ViT-B-16/openai")(img)[None]
+#     _, vit_acts = recorded_vit(x)                 # [1, 1, 197, 768]
+#     x_hat, f_x, loss = sae(vit_acts[:, 0, 1:, :])  # sae = saev.nn.load("sae.pt")
+#
+# The three names below keep that code running. They are thin: the model, its transform and
+# the hooks are saev.vits's (docs/migrating.md).
+
+
+def make_vit(vit_family: str, vit_ckpt: str) -> vits.Vit:
+    """saev 0.1's `make_vit`: the pretrained ViT `vit_ckpt` of `vit_family`, in eval mode.
+
+    Same as `saev.vits.make_vit(vit_family, vit_ckpt)`, which also takes `pretrained=False`.
+    """
+    return vits.make_vit(vit_family, vit_ckpt)
+
+
+def make_img_transform(vit_family: str, vit_ckpt: str) -> typing.Callable:
+    """saev 0.1's `make_img_transform`: the model's eval transform, PIL image -> [3, h, w]."""
+    return vits.make_img_transform(vit_family, vit_ckpt)
+
+
+class RecordedVisionTransformer(torch.nn.Module):
+    """saev 0.1's recorder: calling it on images gives `(output, acts)`, acts of shape
+    `[batch, n_layers, tokens, d_vit]` on the CPU (as 0.1 returned them).
+
+    Tokens are CLS first (when the model has one), then the patches in row-major order;
+    register tokens are dropped. The layers' order is the order of `layers` (0.1 stored
+    them in the order the blocks ran, which is the same for an ascending list).
+    `n_patches_per_img` and `cls_token` were needed by 0.1 to size its buffer; here they are
+    read from the model, and checked against it so a notebook's wrong number fails loudly.
+    """
+
+    def __init__(self, vit: vits.Vit, n_patches_per_img: int, cls_token: bool, layers: list[int]):
+        super().__init__()
+        if n_patches_per_img != vit.n_patches or cls_token != vit.cls_token:
+            raise UserError(
+                f"RecordedVisionTransformer(n_patches_per_img={n_patches_per_img}, "
+                f"cls_token={cls_token}): the model has {vit.n_patches} patches per image and "
+                f"{'a' if vit.cls_token else 'no'} CLS token; pass those (saev.vits.Recorder "
+                "reads them from the model)."
+            )
+        self.vit = vit
+        self.n_patches_per_img = n_patches_per_img
+        self.cls_token = cls_token
+        self.layers = list(layers)
+        self.recorder = vits.Recorder(vit, layers)
+
+    def forward(
+        self, batch: Float[Tensor, "batch 3 height width"]
+    ) -> tuple[Tensor, Float[Tensor, "batch n_layers tokens d_vit"]]:
+        out, acts = self.recorder(batch)
+        return out, acts.cpu()
