@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import saev.activations as rec_mod
 from saev.__main__ import run
 from saev.images import Demo
 from saev.shards import Shards
-from saev.shards import record as rec_mod
 from saev.vits import Recorder
 
 # test_vit: 160 px, 10x10 patches, CLS, d=64, 6 blocks; 2000 // 101 = 19 images per shard.
@@ -394,3 +394,85 @@ def test_skip_log_survives_kill_9_and_resume(tmp_path, small_folder, capsys):
     assert (out / "skipped.txt").read_text() == (
         "a0.png\tcould not decode; recorded as a black image\n"
     )
+
+
+# images:imagenet and images:hf record like the others: resumable and byte-identical.
+
+
+def imagenet_args(tmp_path, demo_root):
+    """8 demo images as an ImageFolder (class folders by shape)."""
+    import shutil
+
+    root = tmp_path / "imagenet"
+    images = Demo(root=demo_root, n_imgs=N_IMGS, size=32).load()
+    for i, p in enumerate(images.paths[:8]):
+        (root / images.labels["shape"][i]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(images.root / p, root / images.labels["shape"][i] / f"{i:02d}.png")
+    return ["images:imagenet", "--images.root", str(root)]
+
+
+def hf_args(tmp_path, demo_root):
+    """8 demo images as a Hugging Face dataset saved to disk."""
+    import datasets
+    import PIL.Image
+
+    images = Demo(root=demo_root, n_imgs=N_IMGS, size=32).load()
+    rows = {
+        "image": [PIL.Image.open(images.root / p) for p in images.paths[:8]],
+        "shape": images.labels["shape"][:8],
+    }
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    return ["images:hf", "--images.name", str(tmp_path / "hf"), "--images.split", "train"]
+
+
+@pytest.mark.parametrize("source", [imagenet_args, hf_args])
+def test_new_sources_resume_byte_identical(tmp_path, demo_root, monkeypatch, source):
+    dataset = ["--n-patches-per-shard", "400", *source(tmp_path, demo_root)]  # 3 + 3 + 2 images
+    args = ["activations", *BASE, "--dump-to", str(tmp_path / "a"), *dataset]
+    assert run(args) == 0
+    ref = only_dir(tmp_path / "a")
+    index = (ref / "images.csv").read_text().splitlines()
+    assert len(index) == 9 and index[0] in ("index,path,class", "index,path,shape")
+
+    calls = {"n": 0}
+    real = Recorder.record
+
+    def flaky(self, imgs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # shard 0 done, then stop in shard 1
+            raise KeyboardInterrupt
+        return real(self, imgs)
+
+    monkeypatch.setattr(Recorder, "record", flaky)
+    args_b = ["activations", *BASE, "--dump-to", str(tmp_path / "b"), *dataset]
+    assert run(args_b) == 130
+    out = only_dir(tmp_path / "b")
+    status = json.loads((out / "shards.json").read_text())
+    assert [s["complete"] for s in status["shards"]] == [True, False, False]
+    monkeypatch.setattr(Recorder, "record", real)
+    assert run(args_b) == 0
+    assert out.name == ref.name
+    for f in sorted(ref.glob("acts*.bin")) + [ref / "images.csv", ref / "metadata.json"]:
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_visuals_reopens_the_rows_of_an_hf_recording(tmp_path, demo_root, capsys):
+    """images:hf images are rows, not files: visuals draws them from the dataset."""
+    import PIL.Image
+
+    import saev.nn
+
+    dataset = hf_args(tmp_path, demo_root)
+    assert run(["activations", *BASE, "--dump-to", str(tmp_path / "a"), *dataset]) == 0
+    shards = only_dir(tmp_path / "a")
+    stack = saev.nn.make_stack("relu", d_vit=64, d_sae=8, members=[{"seed": 0}])
+    ckpt = saev.nn.save(stack, 0, tmp_path / "ckpt", {"layer": 4, "shard_root": str(shards)})
+    argv = ["visuals", "--ckpt", str(ckpt), "--out", str(tmp_path / "vis"), "--device", "cpu"]
+    assert run([*argv, "--include-latents", "0", "1", "--n-latents", "0", "--top-n", "4"]) == 0
+    assert "missing" not in capsys.readouterr().out
+    images = Demo(root=demo_root, n_imgs=N_IMGS, size=32).load()
+    for jpg in (tmp_path / "vis" / "images").glob("*.jpg"):
+        want = PIL.Image.open(images.root / images.paths[int(jpg.stem)]).convert("RGB")
+        got = PIL.Image.open(jpg).convert("RGB").resize(want.size)
+        diff = np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean()
+        assert diff < 25, jpg.name  # the recorded row's picture (JPEG and resizing aside)

@@ -11,11 +11,11 @@ from test_vits import tiny_clip_config  # noqa: F401 (fixture)
 import saev.downstream
 import saev.nn
 from saev.__main__ import run
+from saev.activations import Config as RecordConfig
+from saev.activations import record
 from saev.errors import UserError
 from saev.images import Demo
 from saev.shards import Shards
-from saev.shards.record import Config as RecordConfig
-from saev.shards.record import record
 from saev.shards.shuffled import split_images
 from saev.vits import make_vit
 

@@ -1,12 +1,13 @@
-"""saev.images: demo generation, folder scanning and labels, FairFace layout."""
+"""saev.images: demo generation, folder scanning and labels, FairFace, ImageNet and HF layouts."""
 
 import collections
+import pathlib
 import shutil
 
 import pytest
 
 from saev.errors import UserError
-from saev.images import Demo, FairFace, Folder
+from saev.images import HF, Demo, FairFace, Folder, ImageNet
 
 
 def test_demo_is_deterministic_balanced_and_cached(tmp_path):
@@ -180,3 +181,130 @@ def test_fingerprint_tracks_files_and_labels_apart(folder, tmp_path):
     (folder / "2.png").rename(folder / "2b.png")  # same count, another name
     renamed = Folder(root=folder, labels=csv).load().fingerprint()
     assert renamed["n_files"] == 6 and renamed["files"] != fp["files"]
+
+
+# images:imagenet (torchvision ImageFolder layout) and images:hf (Hugging Face datasets).
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two class folders (one nested, odd extensions), a stray file and a broken image."""
+    root = tmp_path / "train"
+    src = Demo(root=tmp_path / "demo", n_imgs=6, size=32).load()
+    for i, p in enumerate(src.paths):
+        cls = ("n02", "n01")[i % 2]
+        where = root / cls / ("deep" if i >= 4 else "")
+        where.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src.root / p, where / f"img{i}.{'PNG' if i == 1 else 'png'}")
+    (root / "n01" / "notes.txt").write_text("not an image")
+    (root / "loose.png").write_bytes((src.root / src.paths[0]).read_bytes())  # not in a class
+    return root
+
+
+def test_imagenet_is_torchvision_imagefolder(image_folder, tmp_path):
+    import torchvision
+
+    il = ImageNet(root=image_folder).load()
+    tv = torchvision.datasets.ImageFolder(image_folder)
+    assert il.paths == [str(pathlib.Path(p).relative_to(image_folder)) for p, _ in tv.samples]
+    assert il.labels == {"class": [tv.classes[c] for _, c in tv.samples]}
+    assert il.paths[:2] == ["n01/img1.PNG", "n01/img3.png"] and il.labels["class"][-1] == "n02"
+    assert il.data == {"kind": "imagenet", "root": str(image_folder), "class_names": None}
+    (image_folder / "n01" / "img3.png").write_bytes(b"broken")
+    il = ImageNet(root=image_folder).load()
+    assert "n01/img3.png" not in il.paths and il.skipped[0][0] == "n01/img3.png"
+    with pytest.raises(UserError, match="img3.png: unreadable image"):
+        ImageNet(root=image_folder).load(strict=True)
+    with pytest.raises(UserError, match="no class folders; expected one folder of images"):
+        ImageNet(root=image_folder / "n01" / "deep").load()
+
+
+def test_imagenet_class_names(image_folder, tmp_path):
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\n")
+    il = ImageNet(root=image_folder).load()  # found in the root's parent
+    assert set(zip(il.labels["class"], il.labels["class_name"], strict=True)) == {
+        ("n01", "tench, Tinca tinca"),
+        ("n02", "goldfish"),
+    }
+    assert il.data["class_names"] == str(tmp_path / "LOC_synset_mapping.txt")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("n02\tgold fish\n")  # one class unnamed: ""
+    il = ImageNet(root=image_folder, class_names=mine).load()
+    assert dict(zip(il.labels["class"], il.labels["class_name"], strict=True)) == {
+        "n01": "",
+        "n02": "gold fish",
+    }
+    mine.write_text("n07 x\n")
+    with pytest.raises(UserError, match="names none of the class folders"):
+        ImageNet(root=image_folder, class_names=mine).load()
+    mine.write_text("n01\n")
+    with pytest.raises(UserError, match="line 1 'n01' has no name"):
+        ImageNet(root=image_folder, class_names=mine).load()
+
+
+def hf_dataset(root, n=5):
+    """A DatasetDict (train: n rows, validation: 2) saved with save_to_disk, as a user would."""
+    import datasets
+    from PIL import Image
+
+    images = [Image.new("RGB", (16, 12), (40 * i, 7, 200)) for i in range(n)]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["cat", "dog"]),
+            "caption": datasets.Value("string"),
+            "score": datasets.Value("float32"),
+            "boxes": datasets.Sequence(datasets.Value("int32")),
+        }
+    )
+    rows = {
+        "image": images,
+        "label": [i % 2 for i in range(n)],
+        "caption": [f"img {i}" for i in range(n)],
+        "score": [0.5] * n,
+        "boxes": [[1, 2]] * n,
+    }
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": ds, "validation": ds.select([3, 1])}).save_to_disk(str(root))
+    return root
+
+
+def test_hf_rows_and_labels(tmp_path):
+    import pickle
+
+    root = hf_dataset(tmp_path / "hf")
+    il = HF(name=str(root), split="validation").load()
+    assert il.paths == ["validation/0", "validation/1"]
+    assert il.labels == {
+        "label": ["dog", "dog"],
+        "caption": ["img 3", "img 1"],
+        "score": ["0.5"] * 2,
+    }
+    assert il.data == {
+        "kind": "hf",
+        "name": str(root),
+        "split": "validation",
+        "image_column": "image",
+        "root": str(root),
+    }
+    assert il.open(0).convert("RGB").getpixel((0, 0)) == (120, 7, 200)  # row 3 of train
+    assert pickle.loads(pickle.dumps(il.reader))(1).size == (16, 12)  # for DataLoader workers
+    assert len(il.sizes) == 2 and all(n > 50 for n in il.sizes)
+    assert il.fingerprint() == HF(name=str(root), split="validation").load().fingerprint()
+
+
+def test_hf_errors_are_one_line(tmp_path, monkeypatch):
+    root = hf_dataset(tmp_path / "hf")
+    with pytest.raises(
+        UserError, match="--images.split 'test': .* holds the splits train, validation"
+    ):
+        HF(name=str(root), split="test").load()
+    with pytest.raises(UserError, match="--images.image-column 'caption' is a Value column"):
+        HF(name=str(root), image_column="caption").load()
+    with pytest.raises(UserError, match="offline, only datasets in the local cache load"):
+        HF(name="nobody/no-such-dataset").load()
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    with pytest.raises(
+        UserError, match=r"needs the Hugging Face `datasets` package: pip install 'saev\[hf\]'"
+    ):
+        HF(name=str(root)).load()

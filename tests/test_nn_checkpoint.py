@@ -96,7 +96,7 @@ def test_load_saev_01_sae_pt(tmp_path):
     x = torch.randn(5, D, generator=g)
     f = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
     torch.testing.assert_close(sae.encode(x), f)
-    torch.testing.assert_close(sae(x), f @ state["W_dec"] + state["b_dec"])
+    torch.testing.assert_close(sae(x)[0], f @ state["W_dec"] + state["b_dec"])
     assert sae.family == "relu" and sae.d_sae == F and sae.cfg["hparams"]["seed"] == 3
     assert saev.nn.load(tmp_path).d_sae == F  # a directory holding only sae.pt
 
@@ -409,10 +409,10 @@ def test_saev_01_sae_is_calibrated_from_raw_activations(tmp_path, caplog):
     assert sae.cfg["input_normalisation"] == "unknown (saev 0.1: re-estimate from shards)"
     xf = x.float()
     # Raw activations straight in: the mean outside the subspace is lost.
-    assert (sae(xf) - xf).norm() / xf.norm() > 0.3
+    assert (sae(xf)[0] - xf).norm() / xf.norm() > 0.3
 
     saev.nn.calibrate_legacy(sae, xf)
-    torch.testing.assert_close(sae(xf), xf, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae(xf)[0], xf, atol=1e-4, rtol=1e-4)
     m, s = normalised_01(x)
     assert sae.cfg["input_scale"] == pytest.approx(float(s), rel=1e-5)
     assert sae.cfg["input_normalisation"]["n_tokens"] == 512 and not sae.needs_calibration
@@ -422,7 +422,7 @@ def test_saev_01_sae_is_calibrated_from_raw_activations(tmp_path, caplog):
     saev.nn.save(sae, 0, tmp_path / "ck")
     again = saev.nn.load(tmp_path / "ck")
     assert not again.needs_calibration
-    torch.testing.assert_close(again(xf), sae(xf))
+    torch.testing.assert_close(again(xf), sae(xf)[0])
 
 
 def test_calibration_folds_the_01_normalisation_exactly(tmp_path):
