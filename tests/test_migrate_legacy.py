@@ -7,12 +7,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from saev01 import forward, make_world
+from saev01 import forward, make_world, write_shards
+from test_images import hf_dataset
 
 import saev.nn
 from saev.__main__ import run
-from saev.images.recorded import parse_legacy_data
+from saev.errors import UserError
+from saev.images.recorded import image_index, parse_legacy_data, recorded
 from saev.nn.checkpoint import LEGACY_RAW, LEGACY_UNKNOWN, LegacySAE
+from saev.shards import Shards
 
 N = 10  # images per class
 
@@ -168,3 +171,26 @@ def test_01_dataset_reprs_are_parsed_not_evaluated():
     }
     assert parse_legacy_data("__import__('os').system('x')") == ("", {})
     assert parse_legacy_data("ImageFolderDataset(root=open('x'))") == ("", {})
+
+
+def test_01_shards_of_an_hf_imagenet_read_its_rows(tmp_path, capsys):
+    """0.1's `ImagenetDataset(name, split)` recorded the split row by row: the index and the
+    images are the rows again (here from a save_to_disk copy passed as --images.root), the
+    ClassLabel column gives the labels, and a dataset of another length is refused."""
+    hf_root = hf_dataset(tmp_path / "hf", n=6)
+    acts = np.random.default_rng(0).normal(size=(6, 1, 5, 16)).astype(np.float32)
+    data = "ImagenetDataset(name='ILSVRC/imagenet-1k', split='train')"
+    shards = Shards(write_shards(tmp_path / "shards", acts, data=data))
+    with pytest.raises(UserError, match="ILSVRC/imagenet-1k"):  # offline, not in the cache
+        recorded(shards, None)
+    index = image_index(shards, hf_root)
+    assert index.paths() == [f"train/{i}" for i in range(6)]
+    assert index.labels("label") == ["cat", "dog"] * 3
+    imgs = recorded(shards, hf_root)
+    assert [imgs.open(i).convert("RGB").getpixel((0, 0)) for i in (0, 5)] == [
+        (0, 7, 200),
+        (200, 7, 200),
+    ]
+    short = Shards(write_shards(tmp_path / "short", acts[:4], data=data))
+    with pytest.raises(UserError, match="has 6 rows, but the saev 0.1 recording"):
+        image_index(short, hf_root)
