@@ -194,3 +194,13 @@ def test_01_shards_of_an_hf_imagenet_read_its_rows(tmp_path, capsys):
     short = Shards(write_shards(tmp_path / "short", acts[:4], data=data))
     with pytest.raises(UserError, match="has 6 rows, but the saev 0.1 recording"):
         image_index(short, hf_root)
+
+
+def test_a_damaged_01_run_config_is_one_line(world, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "sae.pt").write_bytes((world.raw / "sae.pt").read_bytes())
+    (run_dir / "config.json").write_text("{")
+    with pytest.raises(UserError, match=r"config.json: not a readable JSON file \(Expecting") as e:
+        saev.nn.load(run_dir)
+    assert "saev 0.1's training config" in str(e.value) and "\n" not in str(e.value)
