@@ -429,6 +429,47 @@ FIXED = {"data", "trainer_configs", "steps", "activation_dim", "dict_size", "k",
 """Peer arguments the benchmark sets to match saev (width, k, tokens, device) or needs."""
 
 
+def train_loader(shards: pathlib.Path, data: DataConfig, batch_size: int) -> ShuffledLoader:
+    """The loader `saev train` builds for `data` (saev.train.loop.open_pass), at any batch size."""
+    sh = Shards(shards)
+    return ShuffledLoader(
+        sh,
+        layer=data.layer,
+        tokens=data.tokens,
+        batch_size=batch_size,
+        imgs=split_images(sh.n_imgs, data.eval_frac, data.split_seed)[0],
+        seed=data.seed,
+        n_threads=data.n_threads,
+        chunk_mb=data.chunk_mb,
+        buffer_mb=data.buffer_mb,
+    )
+
+
+def first_tokens(loader: ShuffledLoader, n: int) -> torch.Tensor:
+    parts, got = [], 0
+    batches = loader.batches()
+    for x in batches:
+        parts.append(x[: n - got].clone())
+        got += parts[-1].shape[0]
+        if got >= n:
+            break
+    batches.close()
+    return torch.cat(parts)
+
+
+def check_same_stream(shards: pathlib.Path, data: DataConfig, batch: int) -> None:
+    """The peer's batches must be saev's tokens in saev's order: the loader's stream does not
+    depend on the batch size (while a shuffle window holds more than a batch); check its start."""
+    n = 2 * max(batch, data.batch_size)
+    ours = first_tokens(train_loader(shards, data, data.batch_size), n)
+    theirs = first_tokens(train_loader(shards, data, batch), n)
+    if not torch.equal(ours, theirs):
+        raise UserError(
+            f"the peer's batches of {batch} are not saev's token stream (batches of "
+            f"{data.batch_size}); raise --saev-arg data.buffer_mb or pick another batch size."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class PeerArgs:
     """--peer-arg values sorted by where they go."""
@@ -509,17 +550,8 @@ def train_peer(
         if "l1_penalty" in base:  # a single coefficient given by --peer-arg
             coeffs = [base["l1_penalty"]]
         configs = [{**base, "l1_penalty": c} for c in coeffs]
-    loader = ShuffledLoader(
-        Shards(shards),
-        layer=data.layer,
-        tokens=data.tokens,
-        batch_size=batch,
-        imgs=split_images(Shards(shards).n_imgs, data.eval_frac, data.split_seed)[0],
-        seed=data.seed,
-        n_threads=data.n_threads,
-        chunk_mb=data.chunk_mb,
-        buffer_mb=data.buffer_mb,
-    )
+    check_same_stream(shards, data, batch)
+    loader = train_loader(shards, data, batch)
     save_dir = work / f"peer-{family}"
     t0 = time.perf_counter()
     trainSAE(
@@ -757,7 +789,8 @@ def run_family(ds, family, shards, atoms, peer, args, work, device) -> dict:
     )
     theirs_t = train_peer(peer, shards, ours_t[0], family, coeffs_p, args, work)
     print(
-        f"  {PEER} {family}: {theirs_t[0].tokens:,} tokens, {theirs_t[0].wall_s:.0f} s wall",
+        f"  {PEER} {family}: {theirs_t[0].tokens:,} tokens, {theirs_t[0].wall_s:.0f} s wall, "
+        f"load average {theirs_t[0].load:.1f}",
         flush=True,
     )
     x = eval_tokens(shards, ours_t[0].ckpt, args.n_eval)
