@@ -25,15 +25,17 @@ Data sets (`--datasets`):
 - `planted-hard`: d=64, 512 unit-norm atoms, 6 active per token with Zipf frequencies
   (p_i ~ 1/i), exponential coefficients, a constant offset and Gaussian noise; 2M train tokens.
 - `planted-easy`: d=64, 256 atoms, 4 active, uniform frequencies; 2M train tokens.
-- `planted`: the same generator with `--d --n-atoms --n-active --freq --n-tokens`.
+- `planted`: the same generator with `--d --n-atoms --n-active --freq --zipf-exponent
+  --offset --noise` (and `--n-tokens`, which applies to every data set).
 - `vit`: a random-weight timm `vit_small_patch16_224`, block -2, patch tokens of the bundled
   demo images, recorded with `python -m saev activations --random-weights`; 400k train tokens.
 Planted shards are written with `saev.shards.ShardWriter` and regenerated bit for bit from
-their seed; both kinds are cached under `--cache` (default `.peers/cache`).
+their seed; both kinds are cached under `--cache` (default: PEERS/cache).
 
 Both libraries read saev's train split (`split_images`) through `ShuffledLoader` with the
 training run's own data settings, so the peer's batches are the saev stream cut at its own
-batch size (2048, the dictionary_learning demos' `sae_batch_size`); both are scored on the
+batch size (2048, the dictionary_learning demos' `sae_batch_size`; the first batches are
+checked to hold the same tokens); both are scored on the
 first `--n-eval` tokens of the eval split in image order (what `saev evaluate` scores), and
 the saev FVU is checked against `saev.evaluate`. The peer keeps its defaults (TopK lr
 2e-4/sqrt(d_sae/2^14), AuxK 1/32; Standard lr 1e-3, l1_penalty 0.1; constant lr after warmup;
@@ -840,7 +842,7 @@ def run_family(ds, family, shards, atoms, peer, args, work, device) -> dict:
 
 
 RELU_COEFFS = {
-    "planted": {"saev": [2.0, 5.0, 10.0, 20.0, 50.0], "peer": [0.03, 0.1, 0.3, 1.0, 3.0]},
+    "planted": {"saev": [0.5, 1.0, 2.0, 5.0, 10.0], "peer": [0.03, 0.1, 0.3, 1.0, 3.0]},
     "vit": {"saev": [2.0, 5.0, 10.0, 20.0, 50.0], "peer": [0.1, 0.3, 1.0, 3.0, 10.0]},
 }
 """Default L1 sweeps; each includes the library's default (saev 5.0, dictionary_learning 0.1).
