@@ -398,7 +398,7 @@ def run_batches(
         captured: list[Tensor] = []
         clean = run_model(vit, x, block, keep_in(captured))
         err = stored_rel_err(shards, pos, imgs[local.numpy()], captured[0])
-        check_stored(err, shards, loader.dataset.root)  # stop before spending time on it
+        check_stored(err, shards, loader.dataset.images.root)  # stop before spending time on it
         tally.acts_rel_err = max(tally.acts_rel_err, err)
         tally.clean.update(clean, clean)
         tally.floor.update(clean, run_model(vit, x, block, floor_fn))
