@@ -19,6 +19,7 @@ is the table for users.
 """
 
 import dataclasses
+import math
 import pathlib
 import re
 import sys
@@ -239,8 +240,9 @@ FLAGS: dict[str, dict[str, tuple[int, Rule]]] = {
         "--objective.sparsity-coeff": (
             1,
             refuse(
-                "use --sae.family relu --sae.sparsity-coeff with 0.1's value times d_vit (saev "
-                "sums the squared error over d_vit where 0.1 averaged it)"
+                "use --sae.family relu --sae.sparsity-coeff with 0.1's value times sqrt(d_vit) "
+                "(saev sums the squared error over d_vit where 0.1 averaged it, and weighs its L1 "
+                "by sqrt(d_vit))"
             ),
         ),
         "--objective.n-prefixes": (
@@ -476,10 +478,13 @@ def _sparsity(v: typing.Any, ctx: dict) -> dict:
         raise Refused("expected a number")
     if ctx["d_vit"] is None:
         raise Refused(
-            "saev needs the shards' d_vit to convert it (it sums the squared error over d_vit "
-            "where 0.1 averaged it): give [data] shard_root or --data.shard-root"
+            "saev needs the shards' d_vit to convert it (0.1's coefficient times sqrt(d_vit)): "
+            "give [data] shard_root or --data.shard-root"
         )
-    return {"sae.sparsity_coeff": v * ctx["d_vit"]}
+    # 0.1: mean_d (x - x_hat)^2 + lam01 * sum f. saev's relu (saev.nn.families.l1_coeff):
+    # sum_d (x - x_hat)^2 + lam * sqrt(d) * sum f = d * (mean_d (...)^2 + lam / sqrt(d) * sum f),
+    # the same trade-off when lam = lam01 * sqrt(d).
+    return {"sae.sparsity_coeff": v * math.sqrt(ctx["d_vit"])}
 
 
 def _layer(v: typing.Any, ctx: dict) -> dict:
@@ -517,14 +522,15 @@ def _d_vit(v: typing.Any, ctx: dict) -> dict:
     return {}
 
 
+SPARSITY_WHY = (
+    "0.1's coefficient times sqrt(d_vit): saev sums the squared error over d_vit and weighs "
+    "its L1 by sqrt(d_vit)"
+)
+
 SWEEP_KEYS: dict[str, Key] = {
     "sae.d_vit": Key(_d_vit, "saev reads d_vit from the shards"),
-    "sae.sparsity_coeff": Key(
-        _sparsity, "0.1's coefficient times d_vit: saev sums the squared error over d_vit"
-    ),
-    "objective.sparsity_coeff": Key(
-        _sparsity, "0.1's coefficient times d_vit: saev sums the squared error over d_vit"
-    ),
+    "sae.sparsity_coeff": Key(_sparsity, SPARSITY_WHY),
+    "objective.sparsity_coeff": Key(_sparsity, SPARSITY_WHY),
     "objective.n_prefixes": Key(
         only(None, 'use [sae] family = "matryoshka" with prefix_fracs (fixed nested prefixes)')
     ),

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 from saev01 import make_world
 
+import saev.nn
 from saev import migrate
 from saev.__main__ import run
 from saev.errors import UserError
@@ -42,14 +44,14 @@ def test_the_01_guides_sweep_runs_as_it_is(world, tmp_path, capsys):
         (m.cfg.sae.family, m.cfg.sae.exp_factor, m.cfg.sae.sparsity_coeff) for m in members
     )
     assert got == [
-        ("relu", 2, pytest.approx(4e-4 * 16)),
-        ("relu", 2, pytest.approx(8e-4 * 16)),
-        ("relu", 4, pytest.approx(4e-4 * 16)),
-        ("relu", 4, pytest.approx(8e-4 * 16)),
+        ("relu", 2, pytest.approx(4e-4 * 4)),
+        ("relu", 2, pytest.approx(8e-4 * 4)),
+        ("relu", 4, pytest.approx(4e-4 * 4)),
+        ("relu", 4, pytest.approx(8e-4 * 4)),
     ]
     err = capsys.readouterr().err
     assert "saev 0.1 key sae.d_vit = 16 -> dropped" in err
-    assert "sae.sparsity_coeff = [0.0064, 0.0128]" in err and 'family = "relu"' in err
+    assert "sae.sparsity_coeff = [0.0016, 0.0032]" in err and 'family = "relu"' in err
 
 
 def test_every_incompatibility_is_reported_at_once(world, tmp_path):
@@ -113,7 +115,7 @@ def test_translations(world, tmp_path):
     assert (cfg.n_train, cfg.seed, cfg.n_init_sample) == (10_000, 7, 4096)
     assert (cfg.wandb.mode, cfg.wandb.project, cfg.wandb.tags) == ("disabled", "p", ("baseline",))
     assert str(cfg.run_root) == "ckpts" and (cfg.data.tokens, cfg.data.layer) == ("cls", -2)
-    assert cfg.sae.family == "relu" and cfg.sae.sparsity_coeff == pytest.approx(1e-3 * 16)
+    assert cfg.sae.family == "relu" and cfg.sae.sparsity_coeff == pytest.approx(1e-3 * 4)
 
 
 def test_d_vit_is_checked_against_the_command_line_shards(world, tmp_path, capsys):
@@ -155,3 +157,24 @@ def test_train_on_01_shards_with_a_01_sweep(world, tmp_path, capsys):
         assert m["config"]["sae"]["family"] == "relu"
         assert m["config"]["data"]["tokens"] == "patches"  # saev's default, 0.1's patches
     assert capsys.readouterr().out.count("| ok |") == 4
+
+
+def test_the_converted_coefficient_is_01s_trade_off():
+    """On the same (scaled) tokens, saev's relu loss with the converted coefficient is d_vit
+    times 0.1's loss, mean over elements of (x_hat - x)^2 + lam01 * sum f: the same optimum.
+    Ties the conversion to saev's loss (a change in its L1 weighting fails here)."""
+    d, lam01 = 16, 4e-4
+    raw = {"sae": {"sparsity_coeff": lam01, "d_vit": d}}
+    lam = migrate.translate_sweep(raw, source="s", known=sweep.fields())["sae"]["sparsity_coeff"]
+    stack = saev.nn.make_stack("relu", d_vit=d, d_sae=32, members=[{"sparsity_coeff": lam}])
+    x = torch.randn(256, d, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    stack.init_from_data(x)
+    with torch.no_grad():
+        out = stack(x, warmup=1.0)
+    s = stack.scale[0]
+    f = out.f[0]
+    mse01 = (s * out.x_hat[0] - s * x).pow(2).mean()
+    sparsity01 = lam01 * f.sum(-1).mean()
+    assert float(out.losses["sparsity"][0]) > 0
+    torch.testing.assert_close(out.losses["recon"][0], d * mse01, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.losses["sparsity"][0], d * sparsity01, rtol=1e-4, atol=1e-8)
