@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saev.errors import UserError
 from saev.images import ImageDataset, ImageList
-from saev.shards import Shards
-from saev.shards.reader import Tokens
+from saev.shards import Shards, Tokens
 from saev.vits import Vit, make_recorded_vit, splice
 
 logger = logging.getLogger("saev.downstream")
@@ -373,8 +373,6 @@ def run_batches(
 ) -> Tally:
     """Per batch: the clean pass (its activations checked against the stored ones), the floor,
     then each SAE spliced in, and with its error term added back."""
-    from tqdm.auto import tqdm
-
     block, pos, sl = (
         vit.resolve_layers([layer])[0],
         shards.layer_pos(layer),

@@ -28,11 +28,16 @@ import torch
 import tyro
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
+import saev.nn
+from saev.calibration import calibrate_for_shards
 from saev.downstream import DownstreamConfig, ImagesConfig
 from saev.downstream import evaluate as evaluate_downstream
 from saev.errors import UserError
-from saev.shards.reader import Tokens
+from saev.helpers import atomic_write_bytes, atomic_write_json, atomic_write_text, resolve_device
+from saev.shards import Shards, Tokens
+from saev.shards.shuffled import ShuffledLoader, split_images
 
 logger = logging.getLogger("saev.evaluate")
 
@@ -224,10 +229,6 @@ def evaluate_ckpts(
     """Score each checkpoint on its eval split; SAEs that share shards, layer, tokens and split
     are fed the same batches, read once. With `downstream`, also splice them into the ViT
     (one clean and one floor pass per group; images under `images_root` if given)."""
-    import saev.nn
-    from saev.shards import Shards
-    from saev.shards.shuffled import ShuffledLoader, split_images
-
     device = torch.device(device)
     groups: dict[tuple, list[tuple[str, pathlib.Path, object]]] = {}
     for name, path in ckpts:
@@ -254,8 +255,7 @@ def evaluate_ckpts(
                 raise UserError(
                     f"{path}: SAE d_vit={sae.d_vit} but {root} holds d_vit={shards.md.d_vit}."
                 )
-            # saev 0.1 sae.pt stores no input normalisation: re-estimate it from these shards.
-            saev.nn.calibrate_legacy_from_shards(sae, shards, layer, tokens)
+            calibrate_for_shards(sae, shards, layer, tokens)
         if not eval_frac:  # None (saev 0.1, no split) or 0.0 (trained with --data.eval-frac 0)
             logger.warning("%s: no held-out split recorded; scoring on all images.", root)
             imgs, split_name = np.arange(shards.n_imgs), "all"
@@ -280,8 +280,6 @@ def evaluate_ckpts(
         ]
         budget = data.n_tokens or loader.n_tokens
         seen = 0
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=min(budget, loader.n_tokens), unit="tok", unit_scale=True, desc="evaluate")
         with torch.no_grad():
             for x in loader.batches(n_epochs=1):
@@ -384,8 +382,6 @@ def markdown_table(results: list[dict]) -> str:
 def write_outputs(results: list[dict], out: pathlib.Path) -> None:
     """evaluation.json, latent_freq.npy and freq_hist.png per SAE; sweep.csv/md and pareto.png
     (and pareto_downstream.png when the SAEs were spliced into the ViT)."""
-    from saev.helpers import atomic_write_bytes, atomic_write_json, atomic_write_text
-
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
@@ -508,8 +504,6 @@ def freq_hist_png(r: dict) -> bytes:
 
 
 def main(cfg: Config) -> None:
-    from saev.helpers import resolve_device
-
     if not cfg.downstream and (
         cfg.downstream_cfg != DownstreamConfig() or cfg.images != ImagesConfig()
     ):

@@ -10,6 +10,8 @@ import typing
 
 import torch
 
+from saev.errors import UserError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that a crash never leaves a partial file behind.
@@ -71,8 +73,6 @@ def default_device() -> str:
 
 def resolve_device(device: str) -> torch.device:
     """Turn a user's `--device` ('auto', 'cpu', 'cuda', 'cuda:1', ...) into a torch device."""
-    from saev.errors import UserError
-
     if device == "auto":
         return torch.device(default_device())
     try:

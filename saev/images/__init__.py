@@ -2,7 +2,7 @@
 `images:hf`, `images:demo`.
 
 Each is a frozen config dataclass with `load(strict=...) -> ImageList`; `Images` is their
-union, which tyro turns into the `images:NAME` subcommands. `saev.images.recorded` reopens
+union, which tyro turns into the `images:NAME` subcommands. `saev.recorded` reopens
 the images of a recording (saev's or saev 0.1's) for the commands that show or label them.
 """
 

@@ -6,7 +6,7 @@ ROOT/n01443537/...
 ```
 Images are in torchvision's `ImageFolder` order (class folders sorted by name, then each
 folder's files as `sorted(os.walk(...))` lists them, image extensions only), which is the
-order saev 0.1 recorded its `image-folder-dataset` in: `saev.images.recorded` uses
+order saev 0.1 recorded its `image-folder-dataset` in: `saev.recorded` uses
 `folder_order` to rebuild the image index of such a 0.1 recording.
 
 The class folder is the `class` label. Where a class-name file is found (`--images.class-names`,

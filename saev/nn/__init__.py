@@ -4,20 +4,7 @@ Interface: docs/internals.md (`saev.nn`); maths and hyperparameters: docs/famili
 on-disk format: docs/checkpoints.md.
 """
 
-import typing
-
-import torch
-from beartype import beartype
-from jaxtyping import jaxtyped
-
-from saev.nn.checkpoint import (
-    LEGACY_UNKNOWN,
-    SAE,
-    calibrate_legacy,
-    calibrate_legacy_from_shards,
-    load,
-    save,
-)
+from saev.nn.checkpoint import calibrate_legacy, load, save
 from saev.nn.families import (
     BatchTopKStack,
     GatedStack,
@@ -35,40 +22,10 @@ from saev.nn.hparams import (
     check_hparams,
 )
 from saev.nn.optim import StackAdam
+from saev.nn.registry import STACKS, make_stack
+from saev.nn.sae import LEGACY_UNKNOWN, SAE
 from saev.nn.stack import Codes, Stack, StackOutput
 from saev.nn.vsae import VGatedStack, VIsoStack, VJumpReLUStack, VMixtureStack, VTopKStack
-
-STACKS: dict[str, type[Stack]] = {
-    cls.family: cls
-    for cls in (
-        ReLUStack,
-        TopKStack,
-        BatchTopKStack,
-        JumpReLUStack,
-        GatedStack,
-        MatryoshkaStack,
-        VTopKStack,
-        VGatedStack,
-        VJumpReLUStack,
-        VIsoStack,
-        VMixtureStack,
-    )
-}
-
-
-@jaxtyped(typechecker=beartype)
-def make_stack(
-    family: str,
-    *,
-    d_vit: int,
-    d_sae: int,
-    members: list[dict[str, typing.Any]],
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Stack:
-    """A stack of len(members) SAEs of `family`; each dict holds that member's hyperparameters."""
-    return STACKS[check_family(family)](d_vit, d_sae, members).to(device=device, dtype=dtype)
-
 
 __all__ = [
     "FAMILIES",
@@ -77,13 +34,24 @@ __all__ = [
     "LEGACY_UNKNOWN",
     "SAE",
     "STACKS",
+    "BatchTopKStack",
     "Codes",
+    "GatedStack",
+    "JumpReLUStack",
+    "MatryoshkaStack",
+    "ReLUStack",
+    "TopKStack",
+    "VGatedStack",
+    "VIsoStack",
+    "VJumpReLUStack",
+    "VMixtureStack",
+    "VTopKStack",
     "Family",
     "Stack",
     "StackAdam",
     "StackOutput",
     "calibrate_legacy",
-    "calibrate_legacy_from_shards",
+    "check_family",
     "check_hparams",
     "load",
     "make_stack",

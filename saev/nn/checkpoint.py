@@ -1,4 +1,4 @@
-"""One trained SAE on disk and in memory: `save`, `load` and the single-SAE module `SAE`.
+"""One trained SAE on disk: `save` and `load` (the in-memory `SAE` is in `saev.nn.sae`).
 
 A checkpoint directory holds `config.json` (schema, family, sizes, hyperparameters, input
 scale, saev version and whatever the trainer passed as `extra`: layer, tokens, shard
@@ -33,96 +33,22 @@ import safetensors.torch
 import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
-from torch import Tensor, nn
+from torch import Tensor
 
-import saev
 from saev import helpers
 from saev.errors import UserError
 from saev.nn import hparams
+from saev.nn.registry import make_stack
+from saev.nn.sae import LEGACY_UNKNOWN, SAE, SCHEMA
 from saev.nn.stack import Stack
+from saev.shards import Tokens
 
 logger = logging.getLogger("saev.nn")
 
-SCHEMA = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "sae.safetensors"
-LEGACY_UNKNOWN = "unknown (saev 0.1: re-estimate from shards)"
-"""`cfg["input_normalisation"]` of a saev 0.1 SAE that `calibrate_legacy` has not seen yet."""
-LEGACY_SAMPLE_TOKENS = 100_000
-"""Tokens `calibrate_legacy_from_shards` reads (the first ones in image order)."""
 LEGACY_RAW = "none (saev 0.1 with scale_mean and scale_norm false: raw activations)"
 """`cfg["input_normalisation"]` of a saev 0.1 SAE trained on raw activations."""
-
-
-class SAE(nn.Module):
-    """One SAE taking RAW activations: `encode(x) -> f`, `decode(f) -> x_hat`, `forward(x) -> x_hat`.
-
-    Wraps an S=1 stack (`.stack`) and always uses the inference rule (no sampling; BatchTopK
-    uses its threshold), whatever `train()`/`eval()` says.
-    """
-
-    def __init__(self, stack: Stack, extra: dict[str, typing.Any]):
-        super().__init__()
-        if stack.S != 1:
-            raise ValueError(f"SAE wraps a single member; got a stack of {stack.S}.")
-        self.stack = stack.eval()
-        self.cfg = {
-            "schema": SCHEMA,
-            "family": stack.family,
-            "d_vit": stack.d_vit,
-            "d_sae": stack.d_sae,
-            "hparams": dict(stack.members[0]),
-            "input_scale": float(stack.scale[0]),
-            "saev_version": saev.__version__,
-            **extra,
-        }
-
-    @property
-    def family(self) -> str:
-        return self.stack.family
-
-    @property
-    def d_vit(self) -> int:
-        return self.stack.d_vit
-
-    @property
-    def d_sae(self) -> int:
-        return self.stack.d_sae
-
-    @property
-    def layer(self) -> int | None:
-        return self.cfg.get("layer")
-
-    @property
-    def tokens(self) -> str | None:
-        return self.cfg.get("tokens")
-
-    def train(self, mode: bool = True) -> "SAE":
-        super().train(mode)
-        self.stack.eval()
-        return self
-
-    @property
-    def needs_calibration(self) -> bool:
-        """True for a saev 0.1 SAE whose input normalisation is not known yet."""
-        return self.cfg.get("input_normalisation") == LEGACY_UNKNOWN
-
-    # Checked on every call: the check costs tens of microseconds, the matmuls of a
-    # [4096, 768] batch milliseconds.
-    @jaxtyped(typechecker=beartype)
-    def encode(self, x: Float[Tensor, "*batch d_vit"]) -> Float[Tensor, "*batch d_sae"]:
-        """Raw [..., d_vit] -> codes [..., d_sae]."""
-        lead = x.shape[:-1]
-        return self.stack.encode(x.reshape(-1, x.shape[-1]))[0].reshape(*lead, self.d_sae)
-
-    @jaxtyped(typechecker=beartype)
-    def decode(self, f: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_vit"]:
-        """Codes [..., d_sae] -> raw reconstruction [..., d_vit]."""
-        lead = f.shape[:-1]
-        return self.stack.decode(f.reshape(1, -1, f.shape[-1]))[0].reshape(*lead, self.d_vit)
-
-    def forward(self, x: Float[Tensor, "*batch d_vit"]) -> Float[Tensor, "*batch d_vit"]:
-        return self.decode(self.encode(x))
 
 
 class Loss(typing.NamedTuple):
@@ -271,8 +197,8 @@ _INFERENCE_HPARAMS = {"topk": ("k",), "vsae-topk": ("k",), "matryoshka": ("base"
 """Hyperparameters that a family's inference rule reads. A config.json without them cannot be
 encoded faithfully; every other key only shapes training, and one missing from an older
 config.json takes today's default."""
-_TOKENS = ("patches", "cls", "all")
-"""`tokens` a trainer records (saev.shards.Tokens; nn does not import shards)."""
+_TOKENS = typing.get_args(Tokens)
+"""`tokens` a trainer records."""
 
 
 def read_config(cfg_path: pathlib.Path) -> dict[str, typing.Any]:
@@ -373,8 +299,6 @@ def _migrate(cfg: dict[str, typing.Any], where: pathlib.Path) -> dict[str, typin
 
 
 def _make(family: str, d_vit: int, d_sae: int, hp: dict, where: pathlib.Path) -> Stack:
-    from saev.nn import make_stack
-
     try:
         return make_stack(family, d_vit=d_vit, d_sae=d_sae, members=[hp])
     except UserError as err:
@@ -608,31 +532,3 @@ def calibrate_legacy(sae: SAE, sample: Float[Tensor, "n d_vit"]) -> SAE:
         "scale": s,
     }
     return sae
-
-
-def calibrate_legacy_from_shards(
-    sae: SAE, shards, layer: int, tokens: str, n_tokens: int = LEGACY_SAMPLE_TOKENS
-) -> bool:
-    """`calibrate_legacy` on the first `n_tokens` tokens (image order) of `layer` / `tokens`
-    in `shards` (a `saev.shards.Shards`), if `sae` needs it; returns whether it did."""
-    if not sae.needs_calibration:
-        return False
-    from saev.shards import iter_images
-
-    chunks, n = [], 0
-    for _, x in iter_images(shards, layer, batch_size=256, tokens=tokens):
-        x = x.reshape(-1, x.shape[-1])[: n_tokens - n]
-        chunks.append(x)
-        n += x.shape[0]
-        if n >= n_tokens:
-            break
-    calibrate_legacy(sae, torch.cat(chunks) if chunks else torch.zeros(0, sae.d_vit))
-    logger.info(
-        "%s: saev 0.1 input normalisation re-estimated on %d tokens of layer %d (%s): scale %.4g",
-        sae.cfg.get("source"),
-        n,
-        layer,
-        tokens,
-        sae.cfg["input_scale"],
-    )
-    return True

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from saev.errors import UserError
 from saev.nn import hparams, sparse
+from saev.nn.sae import SAE
 
 LOSS_KEYS = ("recon", "sparsity", "aux", "kl")
 
@@ -326,8 +327,6 @@ class Stack(nn.Module, abc.ABC):
         one.load_state_dict(state)
         return one.to(self.W_dec.device)
 
-    def member(self, i: int):
+    def member(self, i: int) -> SAE:
         """Member i as a single-SAE module (`saev.nn.SAE`, eval mode)."""
-        from saev.nn.checkpoint import SAE
-
         return SAE(self.member_stack(i), extra={})

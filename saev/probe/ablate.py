@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saev.probe import fit as fitting
+from saev.probe.schema import AblationRow, Tpp, TppDrops, TppRow
 
 
 def clip_ks(ks, d: int) -> list[int]:
@@ -49,7 +50,7 @@ def ablate(
     seed: int = 0,
     max_iter: int = 200,
     desc: str = "ablations",
-) -> list[dict]:
+) -> list[AblationRow]:
     """One row per k: the latents ablated and the accuracies of the module doc.
 
     `y_train` is the label of every row of `x` with -1 outside the train split; `test_rows`
@@ -65,7 +66,7 @@ def ablate(
         return (p.predict(xx, rows_t) == y_t).float().mean().item()
 
     base = acc(probe, x)
-    out = []
+    out: list[AblationRow] = []
     for k in tqdm(clip_ks(ks, d), desc=desc, unit="k"):
         idx = np.asarray(ranking[:k], dtype=np.int64)
         mean_ablated = probe.mean_ablated(idx)
@@ -112,7 +113,7 @@ def tpp(
     tests: dict[str, tuple[np.ndarray, np.ndarray]],
     rankings: dict[str, np.ndarray],
     ks,
-) -> dict:
+) -> Tpp:
     """The drop matrices and TPP scores of the module doc, for each k.
 
     `probes`, `tests` (held-out rows and their labels) and `rankings` (latents, most aligned
@@ -129,7 +130,7 @@ def tpp(
         y_t = torch.as_tensor(y, device=dev)
         base = (logits.argmax(1) == y_t).double().mean().item()
         parts[b] = (rows_t, w, logits, y_t, base)
-    out = []
+    out: list[TppRow] = []
     for k in clip_ks(ks, x.shape[1]):
         drops = {kind: np.zeros((len(attrs), len(attrs))) for kind in ABLATIONS}
         for i, a in enumerate(attrs):
@@ -142,15 +143,12 @@ def tpp(
                     ablated = logits - (xs - c) @ w[idx]
                     acc = (ablated.argmax(1) == y_t).double().mean().item()
                     drops[kind][i, j] = base - acc
-        row: dict = {"k": k}
-        for kind, m in drops.items():
-            diag = float(np.mean(np.diag(m)))
-            off = float(m[~np.eye(len(attrs), dtype=bool)].mean())
-            row[kind] = {
-                "drop": m.tolist(),
-                "diagonal": diag,
-                "off_diagonal": off,
-                "tpp": diag - off,
-            }
-        out.append(row)
+        out.append({"k": k, "zero": _tpp_drops(drops["zero"]), "mean": _tpp_drops(drops["mean"])})
     return {"attributes": attrs, "ablations": list(ABLATIONS), "rows": out}
+
+
+def _tpp_drops(m: np.ndarray) -> TppDrops:
+    """One drop matrix with its mean diagonal and off-diagonal drops and their difference."""
+    diag = float(np.mean(np.diag(m)))
+    off = float(m[~np.eye(len(m), dtype=bool)].mean())
+    return {"drop": m.tolist(), "diagonal": diag, "off_diagonal": off, "tpp": diag - off}

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 
+from saev.probe.schema import Scores
+
 logger = logging.getLogger("saev.probe.fit")
 
 LAMS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
@@ -204,7 +206,7 @@ def fit_cv(
     return final, Selection(lams=lams_sorted, val_accuracy=accs, best=lams_sorted[best])
 
 
-def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
+def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> Scores:
     """Accuracy, balanced accuracy, macro-F1 and the confusion matrix (rows = true class)."""
     labels = list(range(n_classes))
     return {
@@ -220,7 +222,7 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
     }
 
 
-def evaluate(probe: Probe, x: torch.Tensor, rows: np.ndarray, y: np.ndarray) -> dict:
+def evaluate(probe: Probe, x: torch.Tensor, rows: np.ndarray, y: np.ndarray) -> Scores:
     """`scores` of `probe` on `x[rows]` against labels `y` (numpy, one per row of `rows`)."""
     pred = probe.predict(x, torch.as_tensor(rows, device=x.device)).cpu().numpy()
     return scores(y, pred, probe.n_classes)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from saev.probe import nointeraction
+from saev.probe.schema import Cell, CellAccuracy, Departure, DepartureFit
 
 MIN_CELL = 30
 """Default minimum number of images for a cell to count."""
@@ -64,10 +65,10 @@ def cell_accuracy(
     correct: np.ndarray,
     cross: tuple[str, ...],
     min_n: int = MIN_CELL,
-) -> dict:
+) -> CellAccuracy:
     """Per-cell n and accuracy of `correct` (bool per image; ids -1 are skipped), plus the
     worst and best counted cells and their gap."""
-    cells = []
+    cells: list[Cell] = []
     for j, key in enumerate(keys):
         m = ids == j
         n = int(m.sum())
@@ -81,27 +82,29 @@ def cell_accuracy(
             }
         )
     counted = [c for c in cells if c["counted"]]
-    out = {"cells": cells, "n_counted": len(counted), "min_n": min_n}
+    out: CellAccuracy = {
+        "cells": cells,
+        "n_counted": len(counted),
+        "min_n": min_n,
+        "worst_accuracy": None,
+        "worst_cell": None,
+        "best_accuracy": None,
+        "best_cell": None,
+        "gap": None,
+    }
     if counted:
         worst = min(counted, key=lambda c: c["accuracy"])
         best = max(counted, key=lambda c: c["accuracy"])
-        out |= {
-            "worst_accuracy": worst["accuracy"],
-            "worst_cell": worst["cell"],
-            "best_accuracy": best["accuracy"],
-            "best_cell": best["cell"],
-            "gap": best["accuracy"] - worst["accuracy"],
-        }
-    else:
-        out |= {"worst_accuracy": None, "worst_cell": None, "best_accuracy": None}
-        out |= {"best_cell": None, "gap": None}
+        out["worst_accuracy"], out["worst_cell"] = worst["accuracy"], worst["cell"]
+        out["best_accuracy"], out["best_cell"] = best["accuracy"], best["cell"]
+        out["gap"] = best["accuracy"] - worst["accuracy"]
     return out
 
 
 class Departures(typing.NamedTuple):
-    cells: list[dict]
+    cells: list[Departure]
     """Per cell with >= min_n images: cell, n, and its top latents by |z|."""
-    fit: dict
+    fit: DepartureFit
     """How the no-interaction model was fitted: model, sweeps, boundary and unconverged latents."""
 
 
@@ -119,7 +122,12 @@ def departures(
     `fires` is a bool `[n_images, d]` matrix (latent > 0 on the image)."""
     keys, ids = cell_ids(labels, cross)
     rows = np.flatnonzero(ids >= 0)
-    fit = {"model": "fires ~ " + " + ".join(cross), "sweeps": 0, "boundary": 0, "unconverged": 0}
+    fit: DepartureFit = {
+        "model": "fires ~ " + " + ".join(cross),
+        "sweeps": 0,
+        "boundary": 0,
+        "unconverged": 0,
+    }
     if len(rows) == 0:
         return Departures([], fit)
     dev = fires.device
@@ -149,7 +157,7 @@ def departures(
     nc = n_cell[:, None]
     qt = torch.minimum(torch.maximum(qhat, 0.5 / nc), 1 - 0.5 / nc)
     z = (q - qhat) / torch.sqrt(qt * (1 - qt) / nc)
-    out = []
+    out: list[Departure] = []
     for c, key in enumerate(keys):
         n = int(n_cell[c].item())
         if n < min_n:

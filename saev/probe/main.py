@@ -18,10 +18,13 @@ import typing
 import numpy as np
 import torch
 
+import saev.nn
+from saev.calibration import calibrate_for_shards
 from saev.errors import UserError
 from saev.helpers import resolve_device
-from saev.images.recorded import image_index
-from saev.probe import ablate, align, intersect, report, reps, split
+from saev.recorded import image_index
+from saev.nn import SAE
+from saev.probe import ablate, align, intersect, report, reps, schema, split
 from saev.probe import fit as fitting
 from saev.shards import Shards
 
@@ -143,10 +146,8 @@ def check_counts(attr: Attribute, test: np.ndarray) -> None:
         )
 
 
-def load_sae(cfg: Config, shards: Shards):
+def load_sae(cfg: Config, shards: Shards) -> tuple[SAE, int]:
     """The checkpoint's SAE, checked against the shards; returns (sae, layer)."""
-    import saev.nn
-
     sae = saev.nn.load(cfg.ckpt)
     md = shards.md
     if sae.d_vit != md.d_vit:
@@ -173,8 +174,7 @@ def load_sae(cfg: Config, shards: Shards):
             f"--layer {cfg.layer} does not match the checkpoint's layer {layer} ({cfg.ckpt})."
         )
     layer = md.resolve_layer(layer)
-    # saev 0.1 sae.pt stores no input normalisation: re-estimate it from these shards.
-    saev.nn.calibrate_legacy_from_shards(sae, shards, layer, "patches")
+    calibrate_for_shards(sae, shards, layer, "patches")
     return sae, layer
 
 
@@ -218,43 +218,13 @@ def main(cfg: Config) -> None:
     check_config(cfg)
     device = resolve_device(cfg.device)
     shards = Shards(cfg.data.shard_root)
-    md = shards.md
     index = image_index(shards, cfg.images.root)
     attrs = read_attributes(shards, index, cfg.attributes)
     crosses = parse_crosses(cfg)
-    if cfg.ckpt is not None:
-        sae, layer = load_sae(cfg, shards)
-    else:
-        sae = None
-        layer = md.layers[-1] if cfg.layer is None else md.resolve_layer(cfg.layer)
-        shards.layer_pos(layer)  # UserError listing the recorded layers
-    if cfg.visuals is not None and not (cfg.visuals / "latents").is_dir():
-        logger.warning(
-            "%s has no latents/ folder yet; latent links work once `saev visuals --out %s` "
-            "renders them (pass report.json's latents_of_interest to --include-latents).",
-            cfg.visuals,
-            cfg.visuals,
-        )
-
-    split_col = index.labels("split") if "split" in index.label_names else None
-    strata = list(zip(*(index.labels(a) for a in cfg.attributes), strict=True))
-    test, split_desc = split.make_split(
-        cfg.split_by,
-        paths=index.paths(),
-        split_col=split_col,
-        strata=strata,
-        test_frac=cfg.test_frac,
-        seed=cfg.seed,
-        source=str(index.file),
-    )
-    for a in attrs.values():
-        check_counts(a, test)
-
-    names = [reps.RAW[t] for t in dict.fromkeys(cfg.raw_token)]
-    if sae is not None:
-        names += [reps.SAE[p] for p in dict.fromkeys(cfg.pool)]
-    if not names:
-        raise UserError("nothing to probe: --raw-token is empty and no --ckpt was given.")
+    sae, layer = load_sae(cfg, shards) if cfg.ckpt is not None else (None, raw_layer(cfg, shards))
+    warn_unrendered_visuals(cfg)
+    test, split_desc = split_held_out(cfg, index, attrs)
+    names = representation_names(cfg, sae)
     reps.check(shards, names)
     # Every check is done: from here on the run writes into OUT.
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +238,88 @@ def main(cfg: Config) -> None:
         batch_size=cfg.batch_size,
         device=device,
     )
+    doc = new_report(cfg, shards, layer, sae, attrs, test, split_desc)
+    for a in attrs.values():
+        if a.n_missing:
+            print(f"{a.name}: {a.n_missing} image(s) without a label were dropped.")
 
-    doc: dict[str, typing.Any] = {
+    labels = {
+        a: np.array([v.strip() for v in index.labels(a)], dtype=object) for a in cfg.attributes
+    }
+    correct, departures = probe_all(cfg, doc, names, status, attrs, test, labels, crosses, device)
+    doc["intersections"] = [
+        intersect_cells(cfg, cross, names, attrs, labels, test, correct, departures.get(cross))
+        for cross in crosses
+    ]
+    doc["latents_of_interest"] = latents_of_interest(doc)
+    report.write(cfg.out, doc)
+    print(
+        f"split: {split_desc}; {doc['split']['n_train']} train / {doc['split']['n_test']} held out."
+    )
+    print(f"wrote {cfg.out / 'report.json'} and {cfg.out / 'report.html'}")
+
+
+# Before anything is written
+
+
+def raw_layer(cfg: Config, shards: Shards) -> int:
+    """The layer to probe without a checkpoint: --layer, else the last recorded one."""
+    md = shards.md
+    layer = md.layers[-1] if cfg.layer is None else md.resolve_layer(cfg.layer)
+    shards.layer_pos(layer)  # UserError listing the recorded layers
+    return layer
+
+
+def warn_unrendered_visuals(cfg: Config) -> None:
+    if cfg.visuals is not None and not (cfg.visuals / "latents").is_dir():
+        logger.warning(
+            "%s has no latents/ folder yet; latent links work once `saev visuals --out %s` "
+            "renders them (pass report.json's latents_of_interest to --include-latents).",
+            cfg.visuals,
+            cfg.visuals,
+        )
+
+
+def split_held_out(cfg: Config, index, attrs: dict[str, Attribute]) -> tuple[np.ndarray, str]:
+    """The held-out mask over images (True = held out) and the split in words; UserError when
+    a class would be missing from either side. `index`: the image index (images.csv, or one
+    rebuilt for saev 0.1 shards)."""
+    test, split_desc = split.make_split(
+        cfg.split_by,
+        paths=index.paths(),
+        split_col=index.labels("split") if "split" in index.label_names else None,
+        strata=list(zip(*(index.labels(a) for a in cfg.attributes), strict=True)),
+        test_frac=cfg.test_frac,
+        seed=cfg.seed,
+        source=str(index.file),
+    )
+    for a in attrs.values():
+        check_counts(a, test)
+    return test, split_desc
+
+
+def representation_names(cfg: Config, sae: SAE | None) -> list[str]:
+    """The raw ViT representations asked for, then the SAE's pooled codes."""
+    names = [reps.RAW[t] for t in dict.fromkeys(cfg.raw_token)]
+    if sae is not None:
+        names += [reps.SAE[p] for p in dict.fromkeys(cfg.pool)]
+    if not names:
+        raise UserError("nothing to probe: --raw-token is empty and no --ckpt was given.")
+    return names
+
+
+def new_report(
+    cfg: Config,
+    shards: Shards,
+    layer: int,
+    sae: SAE | None,
+    attrs: dict[str, Attribute],
+    test: np.ndarray,
+    split_desc: str,
+) -> schema.Report:
+    """The report's header, with its per-representation sections still empty."""
+    md = shards.md
+    return {
         "shard_root": str(shards.root),
         "ckpt": None if cfg.ckpt is None else str(cfg.ckpt),
         "layer": layer,
@@ -278,7 +328,7 @@ def main(cfg: Config) -> None:
         if sae is None
         else {
             "d_sae": sae.d_sae,
-            "tokens": getattr(sae, "tokens", None),
+            "tokens": sae.tokens,
             "pooled_over": reps.sae_pool_tokens(sae),
         },
         "split": {"how": split_desc, "n_train": int((~test).sum()), "n_test": int(test.sum())},
@@ -292,74 +342,9 @@ def main(cfg: Config) -> None:
         "visuals": None if cfg.visuals is None else os.path.relpath(cfg.visuals, cfg.out),
         "config": dataclasses.asdict(cfg),
     }
-    for a in attrs.values():
-        if a.n_missing:
-            print(f"{a.name}: {a.n_missing} image(s) without a label were dropped.")
-
-    labels = {
-        a: np.array([v.strip() for v in index.labels(a)], dtype=object) for a in cfg.attributes
-    }
-    correct: dict[tuple[str, str], np.ndarray] = {}
-    fires_from = next((n for n in ("sae-max", "sae-mean") if n in names), None)
-    departures: dict[tuple[str, ...], intersect.Departures] = {}
-
-    for name in names:
-        x = reps.load(cfg.out, name, device)
-        doc["representations"][name] = {"dim": x.shape[1], "cache": status[name]}
-        probe_representation(cfg, doc, name, x, attrs, test, correct)
-        if name == fires_from:
-            fires = x > 0
-            for cross in crosses:
-                departures[cross] = intersect.departures(
-                    fires, labels, cross, min_n=cfg.min_cell_images, top=cfg.top_latents
-                )
-            del fires
-        del x
-
-    for cross in crosses:
-        held_out = {a: np.where(test, labels[a], "") for a in cross}
-        keys, ids = intersect.cell_ids(held_out, cross)
-        acc = {
-            a: {
-                name: intersect.cell_accuracy(
-                    keys,
-                    np.where(attrs[a].y >= 0, ids, -1),
-                    correct[(name, a)],
-                    cross,
-                    cfg.min_cell_images,
-                )
-                for name in names
-            }
-            for a in cfg.attributes
-        }
-        found = departures.get(cross)
-        doc["intersections"].append(
-            {
-                "cross": list(cross),
-                "accuracy": acc,
-                "departures": [] if found is None else found.cells,
-                "departure_fit": None if found is None else found.fit,
-            }
-        )
-
-    # What to pass to `saev visuals --include-latents` so every linked latent has a page.
-    doc["latents_of_interest"] = sorted(
-        {
-            r["latent"]
-            for by_attr in doc["alignment"].values()
-            for info in by_attr.values()
-            for rows in info["top"].values()
-            for r in rows
-        }
-    )
-    report.write(cfg.out, doc)
-    print(
-        f"split: {split_desc}; {doc['split']['n_train']} train / {doc['split']['n_test']} held out."
-    )
-    print(f"wrote {cfg.out / 'report.json'} and {cfg.out / 'report.html'}")
 
 
-def describe(a: Attribute, test: np.ndarray) -> dict:
+def describe(a: Attribute, test: np.ndarray) -> schema.AttributeInfo:
     """Class names and counts of one attribute, and the majority-class held-out accuracy."""
     train_y = a.y[~test & (a.y >= 0)]
     test_y = a.y[test & (a.y >= 0)]
@@ -375,9 +360,70 @@ def describe(a: Attribute, test: np.ndarray) -> dict:
     }
 
 
+# Probe, align, ablate
+
+
+def probe_all(
+    cfg: Config,
+    doc: schema.Report,
+    names: list[str],
+    status: dict[str, str],
+    attrs: dict[str, Attribute],
+    test: np.ndarray,
+    labels: dict[str, np.ndarray],
+    crosses: list[tuple[str, ...]],
+    device: torch.device,
+) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, ...], intersect.Departures]]:
+    """Every representation in turn, loaded once: its probes (and alignment and ablations)
+    into `doc`, and while the SAE codes are in memory, the cells' firing departures.
+
+    Returns which held-out images each (representation, attribute) probe gets right, and the
+    departures per cross."""
+    correct: dict[tuple[str, str], np.ndarray] = {}
+    fires_from = next((n for n in ("sae-max", "sae-mean") if n in names), None)
+    departures: dict[tuple[str, ...], intersect.Departures] = {}
+    for name in names:
+        x = reps.load(cfg.out, name, device)
+        doc["representations"][name] = {"dim": x.shape[1], "cache": status[name]}
+        probe_representation(cfg, doc, name, x, attrs, test, correct)
+        if name == fires_from:
+            fires = x > 0
+            for cross in crosses:
+                departures[cross] = intersect.departures(
+                    fires, labels, cross, min_n=cfg.min_cell_images, top=cfg.top_latents
+                )
+            del fires
+        del x
+    return correct, departures
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """One attribute's rows of the representation matrix."""
+
+    train: np.ndarray
+    """Labelled train-split rows."""
+    test: np.ndarray
+    """Labelled held-out rows."""
+    y_train: torch.Tensor
+    """Every row's class, -1 outside the train split (how the fits tell the rows apart)."""
+    y_test: np.ndarray
+    """The classes of `test`."""
+
+    @classmethod
+    def of(cls, a: Attribute, test: np.ndarray, device: torch.device) -> "Rows":
+        test_rows = np.flatnonzero(test & (a.y >= 0))
+        return cls(
+            train=np.flatnonzero(~test & (a.y >= 0)),
+            test=test_rows,
+            y_train=torch.as_tensor(np.where(~test, a.y, -1), device=device),
+            y_test=a.y[test_rows],
+        )
+
+
 def probe_representation(
     cfg: Config,
-    doc: dict,
+    doc: schema.Report,
     name: str,
     x: torch.Tensor,
     attrs: dict[str, Attribute],
@@ -387,57 +433,142 @@ def probe_representation(
     """Probe every attribute in one representation, into `doc`; for SAE codes also align the
     latents, ablate the top ones and score targeted ablation across attributes. `correct`
     receives which held-out images each probe gets right (for the intersections)."""
-    device = x.device
     probes, tests, rankings = {}, {}, {}
     for a in attrs.values():
-        test_rows = np.flatnonzero(test & (a.y >= 0))
-        train_rows = np.flatnonzero(~test & (a.y >= 0))
-        y_train = torch.as_tensor(np.where(~test, a.y, -1), device=device)
-        probe, sel = fitting.fit_cv(
-            x,
-            y_train,
-            len(a.classes),
-            lams=cfg.lams,
-            val_frac=cfg.val_frac,
-            seed=cfg.seed,
-            max_iter=cfg.max_iter,
-        )
-        scores = fitting.evaluate(probe, x, test_rows, a.y[test_rows])
-        pred = probe.predict(x, torch.as_tensor(test_rows, device=device)).cpu().numpy()
-        ok = np.zeros(len(a.y), dtype=bool)
-        ok[test_rows] = pred == a.y[test_rows]
-        correct[(name, a.name)] = ok
-        doc["probes"].setdefault(name, {})[a.name] = scores | {
-            "lam": sel.best,
-            "selection": dataclasses.asdict(sel),
-        }
-        print(f"{name:>9} {a.name:>12}: accuracy {scores['accuracy']:.3f} (lam={sel.best:g})")
+        rows = Rows.of(a, test, x.device)
+        probe = fit_probe(cfg, doc, name, x, a, rows, correct)
         if not name.startswith("sae-"):
             continue
-        al = align.align(
-            x,
-            torch.as_tensor(a.y[train_rows], device=device),
-            len(a.classes),
-            rows=torch.as_tensor(train_rows, device=device),
-        )
-        doc["alignment"].setdefault(name, {})[a.name] = report.save_alignment(
-            cfg.out, name, a.name, a.classes, al, cfg.top_latents
-        )
-        doc["ablations"].setdefault(name, {})[a.name] = ablate.ablate(
-            x,
-            y_train,
-            test_rows,
-            a.y[test_rows],
-            probe,
-            al.ranking(),
-            cfg.top_k,
-            lams=cfg.lams,
-            val_frac=cfg.val_frac,
-            seed=cfg.seed,
-            max_iter=cfg.max_iter,
-            desc=f"ablations {name} {a.name}",
-        )
-        probes[a.name], tests[a.name] = probe, (test_rows, a.y[test_rows])
-        rankings[a.name] = al.ranking()
+        ranking = align_latents(cfg, doc, name, x, a, rows)
+        ablate_latents(cfg, doc, name, x, a, rows, probe, ranking)
+        probes[a.name], tests[a.name], rankings[a.name] = probe, (rows.test, rows.y_test), ranking
     if len(probes) >= 2:
         doc["tpp"][name] = ablate.tpp(x, probes, tests, rankings, cfg.top_k)
+
+
+def fit_probe(
+    cfg: Config,
+    doc: schema.Report,
+    name: str,
+    x: torch.Tensor,
+    a: Attribute,
+    rows: Rows,
+    correct: dict[tuple[str, str], np.ndarray],
+) -> fitting.Probe:
+    """Fit the probe of `a` on the train split, score it on the held-out one, into `doc`."""
+    probe, sel = fitting.fit_cv(
+        x,
+        rows.y_train,
+        len(a.classes),
+        lams=cfg.lams,
+        val_frac=cfg.val_frac,
+        seed=cfg.seed,
+        max_iter=cfg.max_iter,
+    )
+    scores = fitting.evaluate(probe, x, rows.test, rows.y_test)
+    pred = probe.predict(x, torch.as_tensor(rows.test, device=x.device)).cpu().numpy()
+    ok = np.zeros(len(a.y), dtype=bool)
+    ok[rows.test] = pred == rows.y_test
+    correct[(name, a.name)] = ok
+    doc["probes"].setdefault(name, {})[a.name] = {
+        **scores,
+        "lam": sel.best,
+        "selection": dataclasses.asdict(sel),
+    }
+    print(f"{name:>9} {a.name:>12}: accuracy {scores['accuracy']:.3f} (lam={sel.best:g})")
+    return probe
+
+
+def align_latents(
+    cfg: Config, doc: schema.Report, name: str, x: torch.Tensor, a: Attribute, rows: Rows
+) -> np.ndarray:
+    """Rank the latents by their alignment with `a`'s classes on the train split, into `doc`
+    (and the full matrices into OUT/alignment); returns the ranking, most aligned first."""
+    al = align.align(
+        x,
+        torch.as_tensor(a.y[rows.train], device=x.device),
+        len(a.classes),
+        rows=torch.as_tensor(rows.train, device=x.device),
+    )
+    doc["alignment"].setdefault(name, {})[a.name] = report.save_alignment(
+        cfg.out, name, a.name, a.classes, al, cfg.top_latents
+    )
+    return al.ranking()
+
+
+def ablate_latents(
+    cfg: Config,
+    doc: schema.Report,
+    name: str,
+    x: torch.Tensor,
+    a: Attribute,
+    rows: Rows,
+    probe: fitting.Probe,
+    ranking: np.ndarray,
+) -> None:
+    """The ablations of `a`'s top aligned latents, into `doc`."""
+    doc["ablations"].setdefault(name, {})[a.name] = ablate.ablate(
+        x,
+        rows.y_train,
+        rows.test,
+        rows.y_test,
+        probe,
+        ranking,
+        cfg.top_k,
+        lams=cfg.lams,
+        val_frac=cfg.val_frac,
+        seed=cfg.seed,
+        max_iter=cfg.max_iter,
+        desc=f"ablations {name} {a.name}",
+    )
+
+
+# Intersect
+
+
+def intersect_cells(
+    cfg: Config,
+    cross: tuple[str, ...],
+    names: list[str],
+    attrs: dict[str, Attribute],
+    labels: dict[str, np.ndarray],
+    test: np.ndarray,
+    correct: dict[tuple[str, str], np.ndarray],
+    found: intersect.Departures | None,
+) -> schema.Intersection:
+    """Every probe's held-out accuracy per cell of `cross`, and the cells' firing departures."""
+    held_out = {a: np.where(test, labels[a], "") for a in cross}
+    keys, ids = intersect.cell_ids(held_out, cross)
+    acc = {
+        a: {
+            name: intersect.cell_accuracy(
+                keys,
+                np.where(attrs[a].y >= 0, ids, -1),
+                correct[(name, a)],
+                cross,
+                cfg.min_cell_images,
+            )
+            for name in names
+        }
+        for a in cfg.attributes
+    }
+    return {
+        "cross": list(cross),
+        "accuracy": acc,
+        "departures": [] if found is None else found.cells,
+        "departure_fit": None if found is None else found.fit,
+    }
+
+
+def latents_of_interest(doc: schema.Report) -> list[int]:
+    """Every latent the report lists: what `saev visuals --include-latents` should render
+    so each latent link has a page."""
+    return sorted(
+        {
+            r["latent"]
+            for by_attr in doc["alignment"].values()
+            for info in by_attr.values()
+            for rows in info["top"].values()
+            for r in rows
+        }
+    )

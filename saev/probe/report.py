@@ -12,14 +12,12 @@ import io
 import pathlib
 import re
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from saev.helpers import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
-from saev.probe.align import Alignment  # noqa: E402
+from saev.helpers import atomic_write_bytes, atomic_write_json, atomic_write_text
+from saev.probe.align import Alignment
+from saev.probe.schema import AlignmentSummary, CellAccuracy, Intersection, Plots, Report, Tpp
 
 
 def slug(s: str) -> str:
@@ -28,7 +26,7 @@ def slug(s: str) -> str:
 
 def save_alignment(
     out: pathlib.Path, rep: str, attr: str, classes: list[str], al: Alignment, top: int
-) -> dict:
+) -> AlignmentSummary:
     """Write the full matrices; return the JSON summary: the top latents per class and the
     overall ranking used by the ablations (first 100)."""
     rel = f"alignment/{slug(rep)}__{slug(attr)}.npz"
@@ -65,9 +63,9 @@ def save_alignment(
     }
 
 
-def write(out: pathlib.Path, doc: dict) -> None:
+def write(out: pathlib.Path, doc: Report) -> None:
     """report.json, the PNGs and report.html."""
-    doc = dict(doc)
+    doc = doc.copy()
     doc["plots"] = plots(out, doc)
     atomic_write_json(out / "report.json", doc)
     atomic_write_text(out / "report.html", page(doc))
@@ -76,60 +74,21 @@ def write(out: pathlib.Path, doc: dict) -> None:
 # Plots
 
 
-def _save(fig, out: pathlib.Path, name: str) -> str:
+def _save(fig: Figure, out: pathlib.Path, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(out / name, buf.getvalue())
     return name
 
 
-def plots(out: pathlib.Path, doc: dict) -> dict:
-    made: dict = {"accuracy": None, "ablations": {}, "tpp": {}, "cells": []}
-    attrs = list(doc["attributes"])
-    reps = list(doc["probes"])
-    if reps:
-        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(attrs) * max(1, len(reps)) / 2, 3.2))
-        width = 0.8 / len(reps)
-        for j, rep in enumerate(reps):
-            accs = [doc["probes"][rep][a]["accuracy"] for a in attrs]
-            ax.bar(
-                np.arange(len(attrs)) + (j - (len(reps) - 1) / 2) * width, accs, width, label=rep
-            )
-        for i, a in enumerate(attrs):
-            chance = doc["attributes"][a]["chance"]
-            ax.hlines(chance, i - 0.45, i + 0.45, colors="k", linestyles="dashed", lw=1)
-        ax.set_xticks(np.arange(len(attrs)), attrs)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("held-out accuracy")
-        ax.set_title("Probe accuracy (dashed: majority class)")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-        made["accuracy"] = _save(fig, out, "accuracy.png")
-    for a in attrs:
-        sae_reps = [r for r in doc["ablations"] if a in doc["ablations"][r]]
-        if not sae_reps:
-            continue
-        fig, axes = plt.subplots(
-            1, len(sae_reps), figsize=(4.2 * len(sae_reps), 3.2), squeeze=False
-        )
-        for ax, rep in zip(axes[0], sae_reps, strict=True):
-            rows = doc["ablations"][rep][a]
-            ks = [r["k"] for r in rows]
-            ax.plot(ks, [r["mean_ablation_accuracy"] for r in rows], "o-", label="mean-ablation")
-            ax.plot(ks, [r["zero_ablation_accuracy"] for r in rows], "v-", label="zero-ablation")
-            ax.plot(ks, [r["refit_accuracy"] for r in rows], "s-", label="refit without")
-            ax.plot(ks, [r["sufficiency_accuracy"] for r in rows], "^-", label="sufficiency")
-            ax.axhline(doc["probes"][rep][a]["accuracy"], color="k", lw=1, label="full probe")
-            ax.axhline(doc["attributes"][a]["chance"], color="k", ls="--", lw=1, label="majority")
-            ax.set_xscale("log")
-            ax.set_xticks(ks, [str(k) for k in ks])
-            ax.minorticks_off()
-            ax.set_ylim(0, 1.02)
-            ax.set_xlabel("k top aligned latents")
-            ax.set_ylabel("held-out accuracy")
-            ax.set_title(f"{a}: {rep}")
-        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-        made["ablations"][a] = _save(fig, out, f"ablation_{slug(a)}.png")
+def plots(out: pathlib.Path, doc: Report) -> Plots:
+    """Every PNG of the page, written under `out`; returns their file names."""
+    made: Plots = {"accuracy": None, "ablations": {}, "tpp": {}, "cells": []}
+    if doc["probes"]:
+        made["accuracy"] = _save(accuracy_bars(doc), out, "accuracy.png")
+    for a in doc["attributes"]:
+        if any(a in by_attr for by_attr in doc["ablations"].values()):
+            made["ablations"][a] = _save(ablation_curves(doc, a), out, f"ablation_{slug(a)}.png")
     for rep, t in doc["tpp"].items():
         made["tpp"][rep] = _save(tpp_heatmaps(t, rep), out, f"tpp_{slug(rep)}.png")
     for inter in doc["intersections"]:
@@ -137,24 +96,65 @@ def plots(out: pathlib.Path, doc: dict) -> dict:
         for a, by_rep in inter["accuracy"].items():
             name = f"cells_{slug('x'.join(cross))}_{slug(a)}.png"
             made["cells"].append({"cross": cross, "attribute": a, "file": name})
-            fig = heatmaps(cross, a, by_rep)
-            _save(fig, out, name)
+            _save(heatmaps(cross, a, by_rep), out, name)
     return made
 
 
-def heatmaps(cross: list[str], attr: str, by_rep: dict):
+def accuracy_bars(doc: Report) -> Figure:
+    """Held-out accuracy per attribute, one bar per representation, majority class dashed."""
+    attrs = list(doc["attributes"])
+    reps = list(doc["probes"])
+    fig = Figure(figsize=(1.6 + 1.4 * len(attrs) * max(1, len(reps)) / 2, 3.2))
+    ax = fig.subplots()
+    width = 0.8 / len(reps)
+    for j, rep in enumerate(reps):
+        accs = [doc["probes"][rep][a]["accuracy"] for a in attrs]
+        ax.bar(np.arange(len(attrs)) + (j - (len(reps) - 1) / 2) * width, accs, width, label=rep)
+    for i, a in enumerate(attrs):
+        chance = doc["attributes"][a]["chance"]
+        ax.hlines(chance, i - 0.45, i + 0.45, colors="k", linestyles="dashed", lw=1)
+    ax.set_xticks(np.arange(len(attrs)), attrs)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Probe accuracy (dashed: majority class)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def ablation_curves(doc: Report, a: str) -> Figure:
+    """Accuracy against k for each ablation of `a`'s top latents, one panel per representation."""
+    sae_reps = [r for r in doc["ablations"] if a in doc["ablations"][r]]
+    fig = Figure(figsize=(4.2 * len(sae_reps), 3.2))
+    axes = fig.subplots(1, len(sae_reps), squeeze=False)
+    for ax, rep in zip(axes[0], sae_reps, strict=True):
+        rows = doc["ablations"][rep][a]
+        ks = [r["k"] for r in rows]
+        ax.plot(ks, [r["mean_ablation_accuracy"] for r in rows], "o-", label="mean-ablation")
+        ax.plot(ks, [r["zero_ablation_accuracy"] for r in rows], "v-", label="zero-ablation")
+        ax.plot(ks, [r["refit_accuracy"] for r in rows], "s-", label="refit without")
+        ax.plot(ks, [r["sufficiency_accuracy"] for r in rows], "^-", label="sufficiency")
+        ax.axhline(doc["probes"][rep][a]["accuracy"], color="k", lw=1, label="full probe")
+        ax.axhline(doc["attributes"][a]["chance"], color="k", ls="--", lw=1, label="majority")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("k top aligned latents")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(f"{a}: {rep}")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def heatmaps(cross: list[str], attr: str, by_rep: dict[str, CellAccuracy]) -> Figure:
     """One accuracy heatmap per representation: rows = values of the cross's first attribute,
     columns = combinations of the others; cells below the minimum count are blank."""
     reps = list(by_rep)
     cells = by_rep[reps[0]]["cells"]
     rows = sorted({c["cell"][cross[0]] for c in cells}, key=_natural)
     cols = sorted({" / ".join(c["cell"][k] for k in cross[1:]) for c in cells}, key=_natural)
-    fig, axes = plt.subplots(
-        1,
-        len(reps),
-        figsize=(max(3.0, 0.55 * len(cols) + 1.5) * len(reps), 0.45 * len(rows) + 1.8),
-        squeeze=False,
-    )
+    fig = Figure(figsize=(max(3.0, 0.55 * len(cols) + 1.5) * len(reps), 0.45 * len(rows) + 1.8))
+    axes = fig.subplots(1, len(reps), squeeze=False)
     for ax, rep in zip(axes[0], reps, strict=True):
         grid = np.full((len(rows), len(cols)), np.nan)
         for c in by_rep[rep]["cells"]:
@@ -176,16 +176,15 @@ def heatmaps(cross: list[str], attr: str, by_rep: dict):
     return fig
 
 
-def tpp_heatmaps(t: dict, rep: str):
+def tpp_heatmaps(t: Tpp, rep: str) -> Figure:
     """One zero-ablation drop matrix per k: rows = attribute whose top k latents are ablated,
     columns = attribute probed; red = accuracy lost."""
     attrs, rows = t["attributes"], t["rows"]
     drops = [np.array(r["zero"]["drop"]) for r in rows]
     lim = max(0.05, max(float(np.abs(m).max()) for m in drops))
     size = 0.45 * len(attrs) + 1.0
-    fig, axes = plt.subplots(
-        1, len(rows), figsize=(size * len(rows) + 1.5, size + 0.6), squeeze=False, sharey=True
-    )
+    fig = Figure(figsize=(size * len(rows) + 1.5, size + 0.6))
+    axes = fig.subplots(1, len(rows), squeeze=False, sharey=True)
     for ax, r, m in zip(axes[0], rows, drops, strict=True):
         im = ax.imshow(m, vmin=-lim, vmax=lim, cmap="RdBu_r")
         ax.set_xticks(range(len(attrs)), attrs, rotation=45, ha="right", fontsize=7)
@@ -222,20 +221,50 @@ TOKENS = {"patches": "the patch tokens", "all": "all tokens", "cls": "the CLS to
 """How the page names an SAE's training tokens and the tokens its codes are pooled over."""
 
 
-def page(doc: dict) -> str:
-    e = html.escape
-    vis = doc.get("visuals")
+def page(doc: Report) -> str:
+    """report.html: a header, then one section per part of the report."""
+    link = _Links(doc["visuals"])
+    parts = _header(doc)
+    parts += _attributes(doc)
+    parts += _probes(doc)
+    parts += _confusions(doc)
+    if doc["alignment"]:
+        parts += _alignment(doc, link)
+    if doc["ablations"]:
+        parts += _ablations(doc, link)
+    if doc["tpp"]:
+        parts += tpp_html(doc)
+    if doc["intersections"]:
+        parts.append("<h2>Intersectional cells</h2>")
+    for inter in doc["intersections"]:
+        parts += _intersection(doc, inter, link)
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
 
-    def latent(i: int) -> str:
-        if vis is None:
+
+e = html.escape
+
+
+def fmt(v: float | None, nd: int = 3) -> str:
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+class _Links:
+    """Latent ids as links to their `saev visuals` pages, or plain ids without a visuals folder."""
+
+    def __init__(self, visuals: str | None):
+        self.visuals = visuals
+
+    def __call__(self, i: int) -> str:
+        if self.visuals is None:
             return f"{i}"
-        href = f"{vis.rstrip('/')}/latents/{i}.html"
+        href = f"{self.visuals.rstrip('/')}/latents/{i}.html"
         return f'<a href="{e(href)}">{i}</a>'
 
-    def fmt(v, nd=3) -> str:
-        return "–" if v is None else f"{v:.{nd}f}"
 
-    parts = [
+def _header(doc: Report) -> list[str]:
+    sae = doc["sae"]
+    return [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<title>saev probe report</title>",
         "<link rel='icon' href='data:,'>",
@@ -246,21 +275,23 @@ def page(doc: dict) -> str:
         f"<code>{e(str(doc['vit']['ckpt']))}</code>"
         + ("" if doc["vit"]["pretrained"] else " <b>(random weights)</b>")
         + (
-            f"; SAE <code>{e(doc['ckpt'])}</code> ({doc['sae']['d_sae']} latents, trained on "
-            f"{e(TOKENS.get(doc['sae']['tokens'], 'unrecorded tokens'))}; codes pooled over "
-            f"{TOKENS[doc['sae']['pooled_over']]})"
-            if doc["ckpt"]
+            f"; SAE <code>{e(doc['ckpt'])}</code> ({sae['d_sae']} latents, trained on "
+            f"{e(TOKENS.get(sae['tokens'], 'unrecorded tokens'))}; codes pooled over "
+            f"{TOKENS[sae['pooled_over']]})"
+            if doc["ckpt"] and sae
             else ""
         )
         + ".<br>",
         f"Split: {e(doc['split']['how'])}; {doc['split']['n_train']} train, "
         f"{doc['split']['n_test']} held-out images.</p>",
     ]
-    # Attributes.
-    parts.append(
-        "<h2>Attributes</h2><table><tr><th class='l'>attribute</th><th class='l'>classes</th>"
-    )
-    parts.append("<th>train</th><th>held out</th><th>missing</th><th>majority acc.</th></tr>")
+
+
+def _attributes(doc: Report) -> list[str]:
+    parts = [
+        "<h2>Attributes</h2><table><tr><th class='l'>attribute</th><th class='l'>classes</th>",
+        "<th>train</th><th>held out</th><th>missing</th><th>majority acc.</th></tr>",
+    ]
     for a, info in doc["attributes"].items():
         parts.append(
             f"<tr><td class='l'>{e(a)}</td><td class='l'>{e(', '.join(info['classes']))}</td>"
@@ -268,11 +299,16 @@ def page(doc: dict) -> str:
             f"<td>{fmt(info['chance'])}</td></tr>"
         )
     parts.append("</table>")
-    # Probes.
-    parts.append("<h2>Probes</h2><p class='muted'>Standardised multinomial logistic regression; ")
-    parts.append("L2 strength chosen on a validation fold of the train split; held-out scores.</p>")
-    parts.append("<table><tr><th class='l'>representation</th><th class='l'>attribute</th>")
-    parts.append("<th>accuracy</th><th>balanced acc.</th><th>macro-F1</th><th>lam</th></tr>")
+    return parts
+
+
+def _probes(doc: Report) -> list[str]:
+    parts = [
+        "<h2>Probes</h2><p class='muted'>Standardised multinomial logistic regression; ",
+        "L2 strength chosen on a validation fold of the train split; held-out scores.</p>",
+        "<table><tr><th class='l'>representation</th><th class='l'>attribute</th>",
+        "<th>accuracy</th><th>balanced acc.</th><th>macro-F1</th><th>lam</th></tr>",
+    ]
     for rep, by_attr in doc["probes"].items():
         for a, s in by_attr.items():
             parts.append(
@@ -283,7 +319,11 @@ def page(doc: dict) -> str:
     parts.append("</table>")
     if doc["plots"]["accuracy"]:
         parts.append(f"<img src='{e(doc['plots']['accuracy'])}' alt='probe accuracy'>")
-    # Confusion matrices.
+    return parts
+
+
+def _confusions(doc: Report) -> list[str]:
+    parts = []
     for rep, by_attr in doc["probes"].items():
         for a, s in by_attr.items():
             classes = doc["attributes"][a]["classes"]
@@ -297,123 +337,131 @@ def page(doc: dict) -> str:
                 )
                 parts.append("</tr>")
             parts.append("</table></details>")
-    # Alignment and ablations.
-    if doc["alignment"]:
-        parts.append("<h2>Latent alignment</h2><p class='muted'>Computed on the train split. ")
-        parts.append("AUROC: one-vs-rest; selectivity (μ<sub>c</sub>−μ<sub>rest</sub>)/")
-        parts.append("(|μ<sub>c</sub>|+|μ<sub>rest</sub>|+ε); rate: firing rate in the class.</p>")
-        for rep, by_attr in doc["alignment"].items():
-            for a, info in by_attr.items():
-                parts.append(f"<details><summary>{e(a)}, {e(rep)}: top latents per class</summary>")
-                parts.append(f"<p class='muted'>Full matrices: <code>{e(info['file'])}</code></p>")
-                for c, rows in info["top"].items():
-                    parts.append(
-                        f"<h4>{e(a)} = {e(c)}</h4><table><tr><th>latent</th><th>AUROC</th>"
-                    )
-                    parts.append(
-                        "<th>selectivity</th><th>rate</th><th>mean</th><th>mean rest</th></tr>"
-                    )
-                    for r in rows:
-                        parts.append(
-                            f"<tr><td>{latent(r['latent'])}</td><td>{fmt(r['auroc'])}</td>"
-                            f"<td>{fmt(r['selectivity'])}</td><td>{fmt(r['rate'])}</td>"
-                            f"<td>{fmt(r['mean'], 4)}</td><td>{fmt(r['mean_rest'], 4)}</td></tr>"
-                        )
-                    parts.append("</table>")
-                parts.append("</details>")
-    if doc["ablations"]:
-        parts.append(
-            "<h2>Ablations of the top aligned latents</h2><p class='muted'>Latents ranked by "
-            "their best one-vs-rest AUROC over classes; the fitted probe scored with those k "
-            "latents <b>mean-ablated</b> (replaced by their training means: no information, no "
-            "shift) and <b>zero-ablated</b> (set to 0, the SAE literature's ablation: also "
-            "shifts the logits), a probe <b>refit</b> without them, and their "
-            "<b>sufficiency</b> (a probe on those k latents alone).</p>"
-        )
-        for a, img in doc["plots"]["ablations"].items():
-            parts.append(f"<img src='{e(img)}' alt='ablations for {e(a)}'>")
-        for rep, by_attr in doc["ablations"].items():
-            for a, rows in by_attr.items():
-                full = doc["probes"][rep][a]["accuracy"]
+    return parts
+
+
+def _alignment(doc: Report, latent: _Links) -> list[str]:
+    parts = [
+        "<h2>Latent alignment</h2><p class='muted'>Computed on the train split. ",
+        "AUROC: one-vs-rest; selectivity (μ<sub>c</sub>−μ<sub>rest</sub>)/",
+        "(|μ<sub>c</sub>|+|μ<sub>rest</sub>|+ε); rate: firing rate in the class.</p>",
+    ]
+    for rep, by_attr in doc["alignment"].items():
+        for a, info in by_attr.items():
+            parts.append(f"<details><summary>{e(a)}, {e(rep)}: top latents per class</summary>")
+            parts.append(f"<p class='muted'>Full matrices: <code>{e(info['file'])}</code></p>")
+            for c, rows in info["top"].items():
+                parts.append(f"<h4>{e(a)} = {e(c)}</h4><table><tr><th>latent</th><th>AUROC</th>")
                 parts.append(
-                    f"<h4>{e(a)}, {e(rep)} (full probe {fmt(full)})</h4><table><tr><th>k</th>"
-                    "<th>mean-ablation</th><th>drop</th><th>zero-ablation</th><th>drop</th>"
-                    "<th>refit</th><th>drop</th><th>sufficiency</th>"
-                    "<th class='l'>latents</th></tr>"
+                    "<th>selectivity</th><th>rate</th><th>mean</th><th>mean rest</th></tr>"
                 )
                 for r in rows:
-                    shown = ", ".join(latent(i) for i in r["latents"][:10])
-                    more = f" … (+{len(r['latents']) - 10})" if len(r["latents"]) > 10 else ""
-                    cells = [r["k"]] + [
-                        fmt(r[key])
-                        for key in (
-                            "mean_ablation_accuracy",
-                            "mean_ablation_drop",
-                            "zero_ablation_accuracy",
-                            "zero_ablation_drop",
-                            "refit_accuracy",
-                            "refit_drop",
-                            "sufficiency_accuracy",
-                        )
-                    ]
                     parts.append(
-                        "<tr>"
-                        + "".join(f"<td>{c}</td>" for c in cells)
-                        + f"<td class='l'>{shown}{more}</td></tr>"
+                        f"<tr><td>{latent(r['latent'])}</td><td>{fmt(r['auroc'])}</td>"
+                        f"<td>{fmt(r['selectivity'])}</td><td>{fmt(r['rate'])}</td>"
+                        f"<td>{fmt(r['mean'], 4)}</td><td>{fmt(r['mean_rest'], 4)}</td></tr>"
                     )
                 parts.append("</table>")
-    if doc["tpp"]:
-        parts += tpp_html(doc)
-    # Intersections.
-    if doc["intersections"]:
-        parts.append("<h2>Intersectional cells</h2>")
-    for inter in doc["intersections"]:
-        cross = inter["cross"]
-        parts.append(f"<h3>{e(' × '.join(cross))}</h3><table><tr><th class='l'>probe</th>")
-        parts.append("<th class='l'>representation</th><th>cells counted</th><th>worst</th>")
-        parts.append("<th class='l'>worst cell</th><th>best</th><th>gap</th></tr>")
-        for a, by_rep in inter["accuracy"].items():
-            for rep, s in by_rep.items():
-                wc = "–" if s["worst_cell"] is None else " / ".join(s["worst_cell"].values())
-                parts.append(
-                    f"<tr><td class='l'>{e(a)}</td><td class='l'>{e(rep)}</td>"
-                    f"<td>{s['n_counted']} of {len(s['cells'])} (n ≥ {s['min_n']})</td>"
-                    f"<td>{fmt(s['worst_accuracy'])}</td><td class='l'>{e(wc)}</td>"
-                    f"<td>{fmt(s['best_accuracy'])}</td><td>{fmt(s['gap'])}</td></tr>"
-                )
-        parts.append("</table>")
-        for p in doc["plots"]["cells"]:
-            if p["cross"] == cross:
-                parts.append(f"<img src='{e(p['file'])}' alt='cell accuracy, {e(p['attribute'])}'>")
-        if inter["departures"]:
-            fit = inter["departure_fit"]
+            parts.append("</details>")
+    return parts
+
+
+_ABLATION_COLUMNS = (
+    "mean_ablation_accuracy",
+    "mean_ablation_drop",
+    "zero_ablation_accuracy",
+    "zero_ablation_drop",
+    "refit_accuracy",
+    "refit_drop",
+    "sufficiency_accuracy",
+)
+
+
+def _ablations(doc: Report, latent: _Links) -> list[str]:
+    parts = [
+        "<h2>Ablations of the top aligned latents</h2><p class='muted'>Latents ranked by "
+        "their best one-vs-rest AUROC over classes; the fitted probe scored with those k "
+        "latents <b>mean-ablated</b> (replaced by their training means: no information, no "
+        "shift) and <b>zero-ablated</b> (set to 0, the SAE literature's ablation: also "
+        "shifts the logits), a probe <b>refit</b> without them, and their "
+        "<b>sufficiency</b> (a probe on those k latents alone).</p>"
+    ]
+    for a, img in doc["plots"]["ablations"].items():
+        parts.append(f"<img src='{e(img)}' alt='ablations for {e(a)}'>")
+    for rep, by_attr in doc["ablations"].items():
+        for a, rows in by_attr.items():
+            full = doc["probes"][rep][a]["accuracy"]
             parts.append(
-                "<details><summary>Latents whose firing rate departs most from the "
-                "no-interaction model</summary><p class='muted'>Expected: the logistic model "
-                f"<code>{e(fit['model'])}</code> fitted to the joint attribute table (IPF, "
-                f"{fit['sweeps']} sweeps; {fit['boundary']} latent(s) fitted on the boundary, "
-                f"{fit['unconverged']} unconverged); z: Pearson residual of the cell's firing "
-                "count.</p><table><tr><th class='l'>cell</th><th>n</th>"
+                f"<h4>{e(a)}, {e(rep)} (full probe {fmt(full)})</h4><table><tr><th>k</th>"
+                "<th>mean-ablation</th><th>drop</th><th>zero-ablation</th><th>drop</th>"
+                "<th>refit</th><th>drop</th><th>sufficiency</th>"
+                "<th class='l'>latents</th></tr>"
             )
-            parts.append("<th class='l'>latent (rate vs expected, z)</th></tr>")
-            for d in inter["departures"]:
-                items = ", ".join(
-                    f"{latent(r['latent'])} ({r['rate']:.2f} vs {r['expected']:.2f}, "
-                    f"z={r['z']:+.1f})"
-                    for r in d["latents"][:5]
-                )
+            for r in rows:
+                shown = ", ".join(latent(i) for i in r["latents"][:10])
+                more = f" … (+{len(r['latents']) - 10})" if len(r["latents"]) > 10 else ""
+                cells = [r["k"]] + [fmt(r[key]) for key in _ABLATION_COLUMNS]
                 parts.append(
-                    f"<tr><td class='l'>{e(' / '.join(d['cell'].values()))}</td><td>{d['n']}</td>"
-                    f"<td class='l'>{items}</td></tr>"
+                    "<tr>"
+                    + "".join(f"<td>{c}</td>" for c in cells)
+                    + f"<td class='l'>{shown}{more}</td></tr>"
                 )
-            parts.append("</table></details>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+            parts.append("</table>")
+    return parts
 
 
-def tpp_html(doc: dict) -> list[str]:
+def _intersection(doc: Report, inter: Intersection, latent: _Links) -> list[str]:
+    cross = inter["cross"]
+    parts = [
+        f"<h3>{e(' × '.join(cross))}</h3><table><tr><th class='l'>probe</th>",
+        "<th class='l'>representation</th><th>cells counted</th><th>worst</th>",
+        "<th class='l'>worst cell</th><th>best</th><th>gap</th></tr>",
+    ]
+    for a, by_rep in inter["accuracy"].items():
+        for rep, s in by_rep.items():
+            wc = "–" if s["worst_cell"] is None else " / ".join(s["worst_cell"].values())
+            parts.append(
+                f"<tr><td class='l'>{e(a)}</td><td class='l'>{e(rep)}</td>"
+                f"<td>{s['n_counted']} of {len(s['cells'])} (n ≥ {s['min_n']})</td>"
+                f"<td>{fmt(s['worst_accuracy'])}</td><td class='l'>{e(wc)}</td>"
+                f"<td>{fmt(s['best_accuracy'])}</td><td>{fmt(s['gap'])}</td></tr>"
+            )
+    parts.append("</table>")
+    for p in doc["plots"]["cells"]:
+        if p["cross"] == cross:
+            parts.append(f"<img src='{e(p['file'])}' alt='cell accuracy, {e(p['attribute'])}'>")
+    if inter["departures"]:
+        parts += _departures(inter, latent)
+    return parts
+
+
+def _departures(inter: Intersection, latent: _Links) -> list[str]:
+    fit = inter["departure_fit"]
+    assert fit is not None  # departures come with the fit that produced them
+    parts = [
+        "<details><summary>Latents whose firing rate departs most from the "
+        "no-interaction model</summary><p class='muted'>Expected: the logistic model "
+        f"<code>{e(fit['model'])}</code> fitted to the joint attribute table (IPF, "
+        f"{fit['sweeps']} sweeps; {fit['boundary']} latent(s) fitted on the boundary, "
+        f"{fit['unconverged']} unconverged); z: Pearson residual of the cell's firing "
+        "count.</p><table><tr><th class='l'>cell</th><th>n</th>",
+        "<th class='l'>latent (rate vs expected, z)</th></tr>",
+    ]
+    for d in inter["departures"]:
+        items = ", ".join(
+            f"{latent(r['latent'])} ({r['rate']:.2f} vs {r['expected']:.2f}, z={r['z']:+.1f})"
+            for r in d["latents"][:5]
+        )
+        parts.append(
+            f"<tr><td class='l'>{e(' / '.join(d['cell'].values()))}</td><td>{d['n']}</td>"
+            f"<td class='l'>{items}</td></tr>"
+        )
+    parts.append("</table></details>")
+    return parts
+
+
+def tpp_html(doc: Report) -> list[str]:
     """The targeted-ablation section: TPP per k and the drop matrices."""
-    e = html.escape
     parts = [
         "<h2>Targeted ablation (TPP)</h2><p class='muted'>For each attribute A, its top k "
         "latents (the ranking above) are ablated and every attribute's probe is scored: "

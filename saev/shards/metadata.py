@@ -16,6 +16,7 @@ import typing
 import numpy as np
 
 from saev.errors import UserError
+from saev.helpers import atomic_write_json
 
 PROTOCOL = "saev-shards/2"
 """Format version written by this saev."""
@@ -233,6 +234,4 @@ class Metadata:
         return cls.from_json(dct, source=str(path))
 
     def dump(self, path: str | os.PathLike) -> None:
-        from saev.helpers import atomic_write_json
-
         atomic_write_json(path, self.to_json())

@@ -12,9 +12,8 @@ import pathlib
 import typing
 
 from saev.nn import Family
+from saev.shards import Tokens
 from saev.train.schedules import Decay
-
-Tokens = typing.Literal["patches", "cls", "all"]
 
 
 @dataclasses.dataclass(frozen=True)

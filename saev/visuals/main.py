@@ -16,14 +16,18 @@ import pathlib
 import time
 import typing
 
+import matplotlib
 import numpy as np
 import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+import saev.nn
+from saev.calibration import calibrate_for_shards
 from saev.errors import UserError
 from saev.helpers import resolve_device
-from saev.images.recorded import Recorded, recorded
+from saev.recorded import Recorded, recorded
+from saev.shards import Shards, iter_images
 from saev.visuals import render, site, topk
 
 logger = logging.getLogger("saev.visuals")
@@ -82,9 +86,6 @@ class Config:
 
 
 def main(cfg: Config) -> None:
-    import saev.nn
-    from saev.shards import Shards
-
     t0 = time.perf_counter()
     if cfg.top_n < 1:
         raise UserError(f"--top-n {cfg.top_n}; expected >= 1.")
@@ -100,8 +101,7 @@ def main(cfg: Config) -> None:
         raise UserError(f"--data.shard-root {shard_root}: no such shard directory.")
     shards = Shards(shard_root)
     layer = check_compatible(sae, shards, cfg.layer, cfg.ckpt)
-    # saev 0.1 sae.pt stores no input normalisation: re-estimate it from these shards.
-    saev.nn.calibrate_legacy_from_shards(sae, shards, layer, "patches")
+    calibrate_for_shards(sae, shards, layer, "patches")
     device = resolve_device(cfg.device)
     sae = sae.to(device).eval()
     images = recorded(shards, cfg.images.root, placeholders_ok=True)
@@ -178,14 +178,10 @@ def main(cfg: Config) -> None:
 
 
 def _colormaps() -> list[str]:
-    import matplotlib
-
     return list(matplotlib.colormaps)
 
 
-def _load_sae(ckpt: pathlib.Path):
-    import saev.nn
-
+def _load_sae(ckpt: pathlib.Path) -> saev.nn.SAE:
     if not ckpt.exists():
         raise UserError(f"--ckpt {ckpt}: no such checkpoint directory or file.")
     return saev.nn.load(ckpt)
@@ -224,8 +220,6 @@ def check_compatible(sae, shards, layer: int | None, ckpt: pathlib.Path) -> int:
 def topk_pass(
     encode, shards, layer: int, *, top_n: int, batch_size: int, device
 ) -> topk.TopKResult:
-    from saev.shards import iter_images
-
     d_sae = _d_sae(encode, shards, device)
     batches = iter_images(shards, layer, batch_size=batch_size, tokens="patches")
     return topk.run_pass(

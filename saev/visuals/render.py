@@ -19,6 +19,8 @@ from beartype import beartype
 from jaxtyping import Float, UInt8, jaxtyped
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from saev.vits import make_img_transform
+
 MAX_ALPHA = 0.8
 """Opacity of the strongest patch, so the image stays visible under the heatmap."""
 
@@ -37,8 +39,6 @@ def model_geometry(vit_family: str, vit_ckpt: str, size: tuple[int, int]) -> Geo
     exactly `size`; anything else (an unknown model, a transform that isn't a Compose) falls
     back to `prepare_image`'s default geometry.
     """
-    from saev.vits import make_img_transform
-
     try:
         transform = make_img_transform(vit_family, vit_ckpt)
     except Exception:  # noqa: BLE001 -- any failure just means "use the default geometry"

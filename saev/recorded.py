@@ -29,7 +29,7 @@ from saev.images import hf, imagenet
 from saev.images.common import check_root
 from saev.shards.metadata import LEGACY
 
-logger = logging.getLogger("saev.images.recorded")
+logger = logging.getLogger("saev.recorded")
 
 
 @dataclasses.dataclass
