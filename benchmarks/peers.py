@@ -51,7 +51,7 @@ saev's L0 curve (linear in log L0; only inside saev's L0 range).
     python benchmarks/peers.py                                  # planted-hard, planted-easy, vit; topk and relu
     python benchmarks/peers.py --datasets planted-hard --families topk
     python benchmarks/peers.py --saev-arg lr=1e-3 --saev-arg sae.k_aux=256 --json out.json
-    python benchmarks/peers.py --datasets vit --families relu --relu-coeffs-saev 2 5 10 --relu-coeffs-peer 0.03 0.1 0.3
+    python benchmarks/peers.py --datasets vit --families relu --relu-coeffs-saev 0.03 0.1 0.3 --relu-coeffs-peer 0.03 0.1 0.3
 """
 
 import argparse
@@ -842,10 +842,11 @@ def run_family(ds, family, shards, atoms, peer, args, work, device) -> dict:
 
 
 RELU_COEFFS = {
-    "planted": {"saev": [0.5, 1.0, 2.0, 5.0, 10.0], "peer": [0.03, 0.1, 0.3, 1.0, 3.0]},
-    "vit": {"saev": [2.0, 5.0, 10.0, 20.0, 50.0], "peer": [0.1, 0.3, 1.0, 3.0, 10.0]},
+    "planted": {"saev": [0.01, 0.03, 0.1, 0.3, 1.0], "peer": [0.03, 0.1, 0.3, 1.0, 3.0]},
+    "vit": {"saev": [0.01, 0.03, 0.1, 0.3, 1.0], "peer": [0.1, 0.3, 1.0, 3.0, 10.0]},
 }
-"""Default L1 sweeps; each includes the library's default (saev 5.0, dictionary_learning 0.1).
+"""Default L1 sweeps; each includes the library's default (saev 0.1, dictionary_learning 0.1).
+saev's λ is scale-free (docs/families.md, "Loss normalisation"), so one range serves both.
 The peer's L1 acts on raw activations (it does not normalise them by default), so its useful
 range moves with their norm: about 4.5 on the planted sets, 13 on the random ViT's block 10."""
 
