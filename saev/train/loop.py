@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import saev.nn
+from saev.errors import UserError
 from saev.shards import Shards
 from saev.shards.shuffled import ShuffledLoader, split_images
 from saev.train import sweep
@@ -92,13 +93,238 @@ def train_pass(
     run_cfg,
 ) -> dict[str, dict]:
     """Train every member of pass `p`; returns per-member status {name: {...}}."""
-    cfg = p.cfg
-    B = cfg.data.batch_size
-    d_vit = data.shards.md.d_vit
-    n_steps = math.ceil(cfg.n_train / B)
-    ckpt_steps = math.ceil(run_cfg.ckpt_every / B) if run_cfg.ckpt_every > 0 else n_steps
-    state_path = run_dir / "state" / f"pass{p.index}.pt"
+    return PassTrainer(p, data, run_dir, device, run_cfg).fit()
 
+
+class PassTrainer:
+    """The members of one pass, their optimisers and where the pass stands.
+
+    `fit` is the whole story: build (in `__init__`), resume or initialise from data, then per
+    batch a training step, its log lines and, when due, a checkpoint; a final checkpoint at
+    the end. Each step has its own method below, in that order.
+    """
+
+    def __init__(
+        self,
+        p: sweep.Pass,
+        data: PassData,
+        run_dir: pathlib.Path,
+        device: torch.device,
+        run_cfg,
+    ):
+        self.p, self.data, self.run_dir = p, data, run_dir
+        self.device, self.run_cfg = device, run_cfg
+        self.B = p.cfg.data.batch_size
+        self.n_steps = math.ceil(p.cfg.n_train / self.B)
+        every = run_cfg.ckpt_every
+        self.ckpt_steps = math.ceil(every / self.B) if every > 0 else self.n_steps
+        self.state_path = run_dir / "state" / f"pass{p.index}.pt"
+        self.stacks, self.opts, self.peaks = build(p, data.shards.md.d_vit, device)
+        self.status: dict[str, dict] = {
+            m.name: {"status": "ok", "ckpt_step": None} for m in p.members
+        }
+        self.step = 0
+        self.logs: list[list[MemberLog]] = []
+        # Throughput since this process started, and the best live member's batch FVU (and its
+        # L0) over the groups of the latest logged step, for the progress bar.
+        self.t0, self.steps_timed = time.perf_counter(), 0
+        self.best: tuple[float, float] | None = None
+
+    def fit(self) -> dict[str, dict]:
+        if not self.resume():
+            self.init_from_data()
+        if self.step >= self.n_steps:
+            return self.status
+        self.logs = [
+            [
+                MemberLog(self.run_dir, m, self.run_cfg.wandb, resume_step=self.step)
+                for m in g.members
+            ]
+            for g in self.p.groups
+        ]
+        for s in self.stacks:
+            s.train()
+        bar = tqdm(
+            total=self.n_steps * self.B,
+            initial=self.step * self.B,
+            unit="tok",
+            unit_scale=True,
+            desc=f"pass {self.p.index}",
+        )
+        batches = self.data.loader.batches(start=self.step * self.B)
+        interrupt = Interrupt()
+        try:
+            for x in batches:
+                log_now = self.train_step(x.to(self.device, non_blocking=True))
+                bar.update(self.B)
+                if log_now:
+                    if self.best is not None:
+                        bar.set_postfix(best_fvu=f"{self.best[0]:.3f}", l0=f"{self.best[1]:.1f}")
+                    self.best = None
+                if self.step >= self.n_steps:
+                    break
+                self.checkpoint_if_needed(interrupt)
+        finally:
+            interrupt.restore()
+            batches.close()
+            bar.close()
+            for gl in self.logs:
+                for log in gl:
+                    log.close()
+        self.checkpoint(final=True)
+        return self.status
+
+    # ---- resume or initialise ------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Load the saved state of this pass, if there is one."""
+        if not self.state_path.is_file():
+            return False
+        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        if state.get("version") != STATE_VERSION:
+            raise UserError(
+                f"{self.state_path}: resume state of another saev version; start a new run."
+            )
+        self.step = int(state["step"])
+        for s, o, ss, os_ in zip(
+            self.stacks, self.opts, state["stacks"], state["opts"], strict=True
+        ):
+            s.load_state_dict(ss)
+            o.load_state_dict(os_)
+        torch.set_rng_state(state["rng"].cpu())
+        self.status = json.loads(state["status"])
+        print(
+            f"pass {self.p.index}: resuming at step {self.step:,} of {self.n_steps:,} "
+            f"({self.step * self.B:,} tokens)"
+        )
+        return True
+
+    def init_from_data(self) -> None:
+        """Input scale, b_dec and encoder gain of every stack, from one seeded sample."""
+        cfg = self.p.cfg
+        sample = self.data.loader.sample(cfg.n_init_sample, seed=cfg.data.seed).to(self.device)
+        for s in self.stacks:
+            s.init_from_data(sample)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor) -> bool:
+        """Step every group on batch `x`; returns whether this step was logged."""
+        seen = self.step * self.B
+        log_now = (self.step + 1) % self.run_cfg.log_every == 0 or self.step + 1 == self.n_steps
+        for gi, (g, s, opt) in enumerate(zip(self.p.groups, self.stacks, self.opts, strict=True)):
+            lrs = [
+                member_lr(m, peak, seen) for m, peak in zip(g.members, self.peaks[gi], strict=True)
+            ]
+            warm = [warmup_frac(seen, m.cfg.sae.sparsity_warmup) for m in g.members]
+            opt.set_lr(lrs)
+            with autocast(self.device, g.cfg.dtype):
+                out = s(x, warmup=torch.tensor(warm, device=self.device))
+            opt.zero_grad()
+            out.losses["total"].sum().backward()
+            newly = opt.step(out.losses["total"])
+            if bool(newly.any()):
+                self.stop_members(g, newly, out)
+            if log_now:
+                self.log_step(gi, x, out, lrs, warm)
+        self.step += 1
+        self.steps_timed += 1
+        return log_now
+
+    def stop_members(self, g: sweep.Group, newly: torch.Tensor, out) -> None:
+        """Record and announce members frozen by this step (non-finite loss or gradient)."""
+        for i in newly.nonzero().flatten().tolist():
+            st = self.status[g.members[i].name]
+            st.update(status="stopped", stopped_step=self.step + 1)
+            st["reason"] = f"non-finite loss ({float(out.losses['total'][i].detach())}) or gradient"
+            kept = (
+                f"its last good checkpoint (step {st['ckpt_step']:,}) is kept"
+                if st["ckpt_step"]
+                else "it has no checkpoint yet"
+            )
+            msg = (
+                f"member {g.members[i].name}: {st['reason']} at step {self.step + 1:,}; "
+                f"stopped it, {kept}; the others go on."
+            )
+            logger.warning(msg)
+            tqdm.write(f"warning: {msg}")
+
+    def log_step(self, gi: int, x: torch.Tensor, out, lrs: list[float], warm: list[float]) -> None:
+        """One metrics.jsonl line per member of group `gi`; tracks the best live batch FVU."""
+        s = self.stacks[gi]
+        rows = step_metrics(x, out, s)
+        elapsed = time.perf_counter() - self.t0
+        tps = (self.steps_timed + 1) * self.B / max(elapsed, 1e-9)
+        frozen = s.frozen.tolist()
+        for i, log in enumerate(self.logs[gi]):
+            row = {
+                "step": self.step + 1,
+                "tokens": (self.step + 1) * self.B,
+                "lr": lrs[i],
+                "sparsity_warmup": warm[i],
+                **{k: v[i] for k, v in rows.items()},
+                "tokens_per_s": tps,
+                "stopped": frozen[i],
+            }
+            log.write(row)
+            if (
+                not frozen[i]
+                and math.isfinite(row["fvu"])
+                and (self.best is None or row["fvu"] < self.best[0])
+            ):
+                self.best = (row["fvu"], row["l0"])
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint_if_needed(self, interrupt: "Interrupt") -> None:
+        """Periodic checkpoint; after a Ctrl-C, save the state now and stop."""
+        if self.step % self.ckpt_steps == 0 or interrupt.asked:
+            self.checkpoint(final=False)
+        if interrupt.asked:
+            tqdm.write(
+                f"interrupted: state saved at step {self.step:,}; continue with "
+                f"`python -m saev train --resume {self.run_dir}`."
+            )
+            raise KeyboardInterrupt
+
+    def checkpoint(self, final: bool) -> None:
+        self.save_members(final)
+        self.save_state()
+
+    def save_members(self, final: bool) -> None:
+        """Each live member's checkpoint directory; flush the metrics written so far."""
+        for gi, (g, s) in enumerate(zip(self.p.groups, self.stacks, strict=True)):
+            frozen = s.frozen.tolist()
+            for i, m in enumerate(g.members):
+                if frozen[i]:
+                    continue  # a stopped member keeps its last good checkpoint
+                extra = ckpt_extra(self.p, self.data, m, self.run_dir)
+                extra.update(step=self.step, tokens_seen=self.step * self.B, final=final)
+                saev.nn.save(s, i, self.run_dir / "members" / m.name, extra)
+                self.status[m.name]["ckpt_step"] = self.step
+            for log in self.logs[gi] if self.logs else []:
+                log.flush()
+
+    def save_state(self) -> None:
+        """The resume state: step, stacks, optimisers, RNG and member status, atomically."""
+        state = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "stacks": [s.state_dict() for s in self.stacks],
+            "opts": [o.state_dict() for o in self.opts],
+            "rng": torch.get_rng_state(),
+            "status": json.dumps(self.status),
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+
+def build(
+    p: sweep.Pass, d_vit: int, device: torch.device
+) -> tuple[list[saev.nn.Stack], list[saev.nn.StackAdam], list[list[float]]]:
+    """One stack and one optimiser per group of `p`, and each member's peak learning rate."""
     stacks = [
         saev.nn.make_stack(
             g.cfg.sae.family,
@@ -116,157 +342,21 @@ def train_pass(
         saev.nn.StackAdam(s, lr=lr, max_grad_norm=[m.cfg.grad_clip for m in g.members])
         for g, s, lr in zip(p.groups, stacks, peaks, strict=True)
     ]
-    status: dict[str, dict] = {m.name: {"status": "ok", "ckpt_step": None} for m in p.members}
-    step = 0
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("version") != STATE_VERSION:
-            from saev.errors import UserError
+    return stacks, opts, peaks
 
-            raise UserError(f"{state_path}: resume state of another saev version; start a new run.")
-        step = int(state["step"])
-        for s, o, ss, os_ in zip(stacks, opts, state["stacks"], state["opts"], strict=True):
-            s.load_state_dict(ss)
-            o.load_state_dict(os_)
-        torch.set_rng_state(state["rng"].cpu())
-        status = json.loads(state["status"])
-        print(f"pass {p.index}: resuming at step {step:,} of {n_steps:,} ({step * B:,} tokens)")
-    else:
-        sample = data.loader.sample(cfg.n_init_sample, seed=cfg.data.seed).to(device)
-        for s in stacks:
-            s.init_from_data(sample)
-        del sample
-    if step >= n_steps:
-        return status
 
-    logs = [
-        [MemberLog(run_dir, m, run_cfg.wandb, resume_step=step) for m in g.members]
-        for g in p.groups
-    ]
-
-    def checkpoint(final: bool) -> None:
-        for g, s, gl in zip(p.groups, stacks, logs, strict=True):
-            frozen = s.frozen.tolist()
-            for i, m in enumerate(g.members):
-                if frozen[i]:
-                    continue  # a stopped member keeps its last good checkpoint
-                extra = ckpt_extra(p, data, m, run_dir)
-                extra.update(step=step, tokens_seen=step * B, final=final)
-                saev.nn.save(s, i, run_dir / "members" / m.name, extra)
-                status[m.name]["ckpt_step"] = step
-            for log in gl:
-                log.flush()
-        state = {
-            "version": STATE_VERSION,
-            "step": step,
-            "stacks": [s.state_dict() for s in stacks],
-            "opts": [o.state_dict() for o in opts],
-            "rng": torch.get_rng_state(),
-            "status": json.dumps(status),
-        }
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)
-
-    for s in stacks:
-        s.train()
-    bar = tqdm(
-        total=n_steps * B, initial=step * B, unit="tok", unit_scale=True, desc=f"pass {p.index}"
+def member_lr(m: sweep.Member, peak: float, seen: int) -> float:
+    """Member `m`'s learning rate after `seen` training tokens (docs/train.md)."""
+    c = m.cfg
+    return lr_at(
+        seen,
+        lr=peak,
+        warmup=lr_warmup_tokens(c.lr_warmup, c.n_train),
+        n_train=c.n_train,
+        decay=c.lr_decay,
+        decay_frac=c.lr_decay_frac,
+        min_frac=c.min_lr_frac,
     )
-    t0, steps_timed = time.perf_counter(), 0
-    best: tuple[float, float] | None = None
-    batches = data.loader.batches(start=step * B)
-    interrupt = Interrupt()
-    try:
-        for x in batches:
-            x = x.to(device, non_blocking=True)
-            seen = step * B
-            log_now = (step + 1) % run_cfg.log_every == 0 or step + 1 == n_steps
-            for g, s, opt, gl, peak in zip(p.groups, stacks, opts, logs, peaks, strict=True):
-                ms = g.members
-                lrs = [
-                    lr_at(
-                        seen,
-                        lr=lr,
-                        warmup=lr_warmup_tokens(m.cfg.lr_warmup, m.cfg.n_train),
-                        n_train=m.cfg.n_train,
-                        decay=m.cfg.lr_decay,
-                        decay_frac=m.cfg.lr_decay_frac,
-                        min_frac=m.cfg.min_lr_frac,
-                    )
-                    for m, lr in zip(ms, peak, strict=True)
-                ]
-                warm = [warmup_frac(seen, m.cfg.sae.sparsity_warmup) for m in ms]
-                opt.set_lr(lrs)
-                with autocast(device, g.cfg.dtype):
-                    out = s(x, warmup=torch.tensor(warm, device=device))
-                opt.zero_grad()
-                out.losses["total"].sum().backward()
-                newly = opt.step(out.losses["total"])
-                if bool(newly.any()):
-                    for i in newly.nonzero().flatten().tolist():
-                        st = status[ms[i].name]
-                        st.update(status="stopped", stopped_step=step + 1)
-                        st["reason"] = (
-                            f"non-finite loss ({float(out.losses['total'][i].detach())}) or gradient"
-                        )
-                        kept = (
-                            f"its last good checkpoint (step {st['ckpt_step']:,}) is kept"
-                            if st["ckpt_step"]
-                            else "it has no checkpoint yet"
-                        )
-                        msg = f"member {ms[i].name}: {st['reason']} at step {step + 1:,}; stopped it, {kept}; the others go on."
-                        logger.warning(msg)
-                        tqdm.write(f"warning: {msg}")
-                if log_now:
-                    rows = step_metrics(x, out, s)
-                    elapsed = time.perf_counter() - t0
-                    tps = (steps_timed + 1) * B / max(elapsed, 1e-9)
-                    frozen = s.frozen.tolist()
-                    for i, log in enumerate(gl):
-                        row = {
-                            "step": step + 1,
-                            "tokens": (step + 1) * B,
-                            "lr": lrs[i],
-                            "sparsity_warmup": warm[i],
-                            **{k: v[i] for k, v in rows.items()},
-                            "tokens_per_s": tps,
-                            "stopped": frozen[i],
-                        }
-                        log.write(row)
-                        if (
-                            not frozen[i]
-                            and math.isfinite(row["fvu"])
-                            and (best is None or row["fvu"] < best[0])
-                        ):
-                            best = (row["fvu"], row["l0"])
-            step += 1
-            steps_timed += 1
-            bar.update(B)
-            if log_now:
-                if best is not None:
-                    bar.set_postfix(best_fvu=f"{best[0]:.3f}", l0=f"{best[1]:.1f}")
-                best = None
-            if step >= n_steps:
-                break
-            if step % ckpt_steps == 0 or interrupt.asked:
-                checkpoint(final=False)
-            if interrupt.asked:
-                tqdm.write(
-                    f"interrupted: state saved at step {step:,}; continue with "
-                    f"`python -m saev train --resume {run_dir}`."
-                )
-                raise KeyboardInterrupt
-    finally:
-        interrupt.restore()
-        batches.close()
-        bar.close()
-        for gl in logs:
-            for log in gl:
-                log.close()
-    checkpoint(final=True)
-    return status
 
 
 def autocast(device: torch.device, dtype: str) -> torch.autocast:
