@@ -6,7 +6,8 @@ For each width and S it times one full step (forward, backward, StackAdam step) 
   (b) stack:  one stack of S members with that same dense decode,
   (c) sparse: one stack of S members with saev's sparse encoder backward and embedding-bag decode,
 and the time of the encoder forward matmul alone. It prints the ratios of DESIGN §8:
-stack vs loop (want >= 1 at every S) and topk step / encoder matmul (want <= 1.5).
+stack vs loop (want >= 1 at every S), topk step / encoder matmul (want <= 1.3), and the
+bfloat16 step over the float32 one (want <= 0.9).
 
     python benchmarks/sae_step.py                # full sizes: d=768, widths 8x,16x, k=32, batch 4096, S 1,4,16 (GPU)
     python benchmarks/sae_step.py --quick        # small sizes that finish in minutes on a CPU
@@ -35,8 +36,12 @@ def dense_topk_step(stack: saev.nn.Stack, opt: saev.nn.StackAdam, x: torch.Tenso
     opt.step()
 
 
-def sparse_step(stack: saev.nn.Stack, opt: saev.nn.StackAdam, x: torch.Tensor) -> None:
-    out = stack(x)
+def sparse_step(
+    stack: saev.nn.Stack, opt: saev.nn.StackAdam, x: torch.Tensor, bf16: bool = False
+) -> None:
+    """One training step as `saev train` takes it (`--dtype bfloat16`: autocast forward)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = stack(x)
     opt.zero_grad()
     out.losses["total"].sum().backward()
     opt.step()
@@ -82,8 +87,9 @@ def bench_group(
 
 def bench_matmul_ratio(
     args, d_sae: int, x: torch.Tensor, device: torch.device
-) -> tuple[float, float]:
-    """Seconds of the encoder forward matmul alone and of a full (sparse) topk step, one SAE."""
+) -> tuple[float, float, float]:
+    """Seconds of the float32 encoder forward matmul alone, of a full (sparse) topk step of one
+    SAE in float32, and of the same step with bfloat16 autocast (`--dtype bfloat16`)."""
     one = saev.nn.make_stack(
         "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
     )
@@ -94,7 +100,8 @@ def bench_matmul_ratio(
             lambda: torch.baddbmm(one.b_enc[:, None, :], xs, one.W_enc), args.iters, device
         )
     t_step = timed(lambda: sparse_step(one, opt, x), args.iters, device)
-    return t_mm, t_step
+    t_bf16 = timed(lambda: sparse_step(one, opt, x, bf16=True), args.iters, device)
+    return t_mm, t_step, t_bf16
 
 
 def main() -> None:
@@ -131,13 +138,16 @@ def main() -> None:
                 f"{width:>6}x {S:>3} {t_loop * 1e3:9.1f} {t_stack * 1e3:9.1f} {t_sparse * 1e3:9.1f}"
                 f" {t_loop / t_stack:10.2f} {t_loop / t_sparse:11.2f}"
             )
-        t_mm, t_step = bench_matmul_ratio(args, width * args.d, x, device)
+        t_mm, t_step, t_bf16 = bench_matmul_ratio(args, width * args.d, x, device)
         print(
             f"  width {width}x: encoder matmul {t_mm * 1e3:.1f} ms, topk step {t_step * 1e3:.1f} ms,"
-            f" ratio {t_step / t_mm:.2f}"
+            f" ratio {t_step / t_mm:.2f}; bfloat16 step {t_bf16 * 1e3:.1f} ms,"
+            f" bf16/fp32 {t_bf16 / t_step:.2f}"
         )
     print(
-        "stack/loop, sparse/loop: > 1 means faster than the loop. ratio: topk step / encoder matmul (target <= 1.5)."
+        "stack/loop, sparse/loop: > 1 means faster than the loop. ratio: topk step / float32"
+        " encoder matmul (target <= 1.3). bf16/fp32: the step with --dtype bfloat16 over float32"
+        " (target <= 0.9)."
     )
 
 

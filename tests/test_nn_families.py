@@ -265,7 +265,7 @@ def test_hparam_validation_messages():
         saev.nn.make_stack("topkk", d_vit=4, d_sae=8, members=[{}])
     with pytest.raises(UserError, match="k=0"):
         saev.nn.check_hparams("topk", {"k": 0})
-    assert saev.nn.check_hparams("relu", {})["sparsity_coeff"] == 5.0
+    assert saev.nn.check_hparams("relu", {})["sparsity_coeff"] == 0.1
     assert set(saev.nn.HPARAMS) == set(saev.nn.FAMILIES)
     assert math.isclose(saev.nn.HPARAMS["topk"]["aux_coeff"], 1 / 32)
 

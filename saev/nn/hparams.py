@@ -29,12 +29,12 @@ FAMILIES: tuple[str, ...] = typing.get_args(Family)
 
 _COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
 _AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}
-_JUMP = {"sparsity_coeff": 1.0, "target_l0": 0.0, "bandwidth": 0.001, "threshold_init": 0.001}
+_JUMP = {"sparsity_coeff": 0.01, "target_l0": 0.0, "bandwidth": 0.05, "threshold_init": 0.1}
 _VAR = {"kl_coeff": 1.0, "logvar_min": -8.0, "logvar_max": 4.0}
 _VL1 = 1.0  # vsae-iso / vsae-mixture L1 (docs/families.md: why this value)
 
 HPARAMS: dict[str, dict[str, typing.Any]] = {
-    "relu": {**_COMMON, "sparsity_coeff": 5.0},
+    "relu": {**_COMMON, "sparsity_coeff": 0.1},
     "topk": {**_COMMON, **_AUXK},
     "batchtopk": {**_COMMON, **_AUXK, "threshold_decay": 0.99},
     "jumprelu": {**_COMMON, **_JUMP},

@@ -14,6 +14,11 @@ from torch import Tensor
 from saev.nn.stack import Stack
 
 
+def _fused_adam_runs_on(p: Tensor) -> bool:
+    """torch's fused Adam kernel exists for CPU and CUDA float tensors (torch >= 2.4)."""
+    return hasattr(torch, "_fused_adam_") and p.device.type in ("cpu", "cuda")
+
+
 def _per_member(value, S: int, device) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     return t.expand(S).clone() if t.ndim == 0 else t.reshape(S).clone()
@@ -56,7 +61,7 @@ class StackAdam:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         sq = torch.zeros(S, device=self.lr.device)
         for g in grads:
-            sq += g.float().pow(2).reshape(S, -1).sum(-1)
+            sq += torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim))).float() ** 2
         bad = ~torch.isfinite(sq)
         if loss is not None:
             bad |= ~torch.isfinite(loss.detach().to(bad.device))
@@ -71,12 +76,51 @@ class StackAdam:
             torch.ones_like(norm),
         )
         self.steps += active.long()
+        if _fused_adam_runs_on(self.params[0]):
+            self._fused_step(grads, clip, active)
+        else:
+            self._step(grads, clip, active)
+        stack.normalize_decoder()
+        return newly
+
+    def _fused_step(self, grads: list[Tensor], clip: Tensor, active: Tensor) -> None:
+        """torch's fused Adam kernel (one pass per tensor), called once per member so that each
+        gets its own learning rate and clipping factor (`grad_scale` divides the gradient)."""
+        b1, b2 = self.betas
+        lrs, steps, live = self.lr.tolist(), self.steps.tolist(), active.tolist()
+        unscale = (1.0 / clip).float()
+        device = self.params[0].device
+        for s in range(self.stack.S):
+            if not live[s]:
+                continue  # a frozen member keeps its weights and its Adam state
+            step = [torch.tensor(float(steps[s]), device=device)] * len(self.params)
+            torch._fused_adam_(
+                [p[s] for p in self.params],
+                [g[s] for g in grads],
+                [m[s] for m in self.exp_avg],
+                [v[s] for v in self.exp_avg_sq],
+                [],
+                step,
+                lr=lrs[s],
+                beta1=b1,
+                beta2=b2,
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=unscale[s],
+                found_inf=None,
+            )
+
+    def _step(self, grads: list[Tensor], clip: Tensor, active: Tensor) -> None:
+        """The same update in plain tensor operations, for devices without the fused kernel."""
+        S = self.stack.S
         b1, b2 = self.betas
         steps = self.steps.clamp_min(1).double()  # 1 - 0.999**t loses digits in float32
         bias1 = 1 - b1**steps
         bias2_sqrt = (1 - b2**steps).sqrt()
         step_size = torch.where(active, self.lr.double() / bias1, 0.0)
-        any_frozen = bool(stack.frozen.any())
+        any_frozen = bool(self.stack.frozen.any())
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
             shape = (S,) + (1,) * (p.ndim - 1)
             g = g * clip.view(shape).to(g.dtype)
@@ -90,8 +134,6 @@ class StackAdam:
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bias2_sqrt.view(shape).to(v.dtype)).add_(self.eps)
             p.addcdiv_(m * step_size.view(shape).to(p.dtype), denom, value=-1.0)
-        stack.normalize_decoder()
-        return newly
 
     def state_dict(self) -> dict[str, typing.Any]:
         return {

@@ -64,7 +64,13 @@ class Layout:
         """(order, rows in that order, column pointers [S*F + 1]): the entries sorted by column,
         i.e. the CSR structure of C^T. Computed once per layout."""
         if self._by_col is None:
-            order = torch.argsort(self.cols, stable=True)
+            n_rows = self.S * self.B
+            if self.S * self.F * n_rows < 2**31:
+                # (column, row) as one unique int32 key: any sort gives the same order, and
+                # int32 sorts ~3x faster than a stable int64 sort on the CPU.
+                order = torch.argsort(self.cols.int() * n_rows + self.rows.int())
+            else:
+                order = torch.argsort(self.cols, stable=True)
             ccol = torch.searchsorted(
                 self.cols[order], torch.arange(self.S * self.F + 1, device=self.cols.device)
             )
@@ -176,7 +182,7 @@ class _GatherPre(torch.autograd.Function):
         grad_b_dec = None
         if ctx.needs_input_grad[2]:
             # d pre / d b_dec = -W_enc, summed over tokens: -W_enc @ (sum of g per latent).
-            grad_b_dec = -torch.bmm(W_enc, grad_b_enc[:, :, None]).squeeze(-1)
+            grad_b_dec = -torch.bmm(grad_b_enc[:, None, :], W_enc.transpose(1, 2)).squeeze(1)
         return None, grad_xs, grad_b_dec, grad_W_enc, grad_b_enc, None
 
 

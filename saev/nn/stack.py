@@ -303,7 +303,7 @@ class Stack(nn.Module, abc.ABC):
         """Remove from each decoder row's gradient its component along the (unit) row."""
         g = self.W_dec.grad
         if g is not None:
-            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[..., None], self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
