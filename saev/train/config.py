@@ -170,8 +170,28 @@ class Config:
     resume: pathlib.Path | None = None
     """A run directory to continue after an interruption; its saved config is used."""
     device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:N."""
+    """auto (cuda if available), cpu, cuda, cuda:N; under torchrun or --slurm each rank takes cuda:LOCAL_RANK."""
     wandb: WandbConfig = WandbConfig()
+    data_parallel: bool = False
+    """With several ranks (torchrun, --slurm): train every member on every rank, each rank a slice of every batch (DDP), instead of splitting the members across ranks; for one SAE too large for one GPU to train fast enough (docs/scaling.md)."""
+    dist_read: typing.Literal["auto", "broadcast", "each"] = "auto"
+    """With several ranks: rank 0 reads each batch and broadcasts it, or each rank reads the same deterministic stream; auto: broadcast on GPUs (nccl), each on CPU (gloo)."""
+    slurm: bool = False
+    """Submit this run as one Slurm job through submitit (one rank per GPU) instead of running here."""
+    slurm_account: str = ""
+    """Slurm account."""
+    slurm_partition: str = ""
+    """Slurm partition."""
+    slurm_time_min: int = 240
+    """Slurm time limit, in minutes (on a timeout or preemption the job is requeued and resumes)."""
+    slurm_nodes: int = 1
+    """Slurm nodes; ranks = nodes x GPUs per node."""
+    slurm_gpus: int = 1
+    """GPUs per node, one rank each (0: one CPU rank per node)."""
+    slurm_cpus: int = 8
+    """CPUs per rank (used by the shuffled loader's reader threads)."""
+    log_to: pathlib.Path = pathlib.Path("./logs")
+    """Where submitit keeps the Slurm job script and logs."""
 
 
 PASS_KEYS = (
@@ -194,5 +214,20 @@ PASS_KEYS = (
 STACK_KEYS = ("sae.family", "sae.exp_factor", "sae.base", "sae.prefix_fracs", "dtype")
 """Keys that decide the parameter shapes: members agreeing on them (within a pass) form one stack."""
 
-RUN_KEYS = ("sweep", "run_root", "resume", "device", "ckpt_every", "log_every")
+LAUNCH_KEYS = (
+    "data_parallel",
+    "dist_read",
+    "slurm",
+    "slurm_account",
+    "slurm_partition",
+    "slurm_time_min",
+    "slurm_nodes",
+    "slurm_gpus",
+    "slurm_cpus",
+    "log_to",
+)
+"""Keys that say how this command runs (ranks, Slurm): flags only, never sweep keys, and not
+part of what is trained (members keep their defaults)."""
+
+RUN_KEYS = ("sweep", "run_root", "resume", "device", "ckpt_every", "log_every", *LAUNCH_KEYS)
 """Keys that belong to the whole run and cannot be grid axes."""

@@ -3,13 +3,16 @@
 Per step and per group: the schedule gives each member its lr and sparsity warmup, the stack
 computes every member's losses, and `saev.nn.StackAdam` steps all members at once (clipping
 each member's gradient and freezing a member whose loss or gradient is not finite, while the
-others go on). Checkpoints of every live member and a resume state are written every
-`ckpt_every` tokens; the state holds the step, the stacks, the optimisers and the RNG, and
-the loader restarts at exactly the same token, so a resumed run equals an uninterrupted one.
+others go on). Checkpoints of every live member and a resume state (saev.train.state) are
+written every `ckpt_every` tokens, and the loader restarts at exactly the same token, so a
+resumed run equals an uninterrupted one.
+
+With several ranks (saev.train.dist) each trains its share of the pass's members
+(saev.train.partition) on the same batches, or, with --data-parallel, all members on its slice
+of every batch; either way a rank writes only what it owns, and the ranks meet at checkpoints.
 """
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -24,13 +27,12 @@ from tqdm.auto import tqdm
 import saev.nn
 from saev.shards import Shards
 from saev.shards.shuffled import ShuffledLoader, split_images
-from saev.train import sweep
+from saev.train import dist, state, sweep
+from saev.train.dist import Ranks, Read, data_parallel, sync_buffers
 from saev.train.log import MemberLog
 from saev.train.schedules import default_lr, lr_at, lr_warmup_tokens, warmup_frac
 
 logger = logging.getLogger("saev.train")
-
-STATE_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -84,21 +86,308 @@ def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """What this process does in a pass (saev.train.dist): one process is Role(mine=p)."""
+
+    mine: sweep.Pass | None
+    """The members this rank trains: its share of the pass (None: none), or all of them."""
+    ranks: Ranks = Ranks()
+    data_parallel: bool = False
+    """Every rank trains all of `mine` on its slice of each batch (DDP); rank 0 writes."""
+    read: Read = "each"
+    """How batches reach the ranks (saev.train.dist)."""
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes the checkpoints, logs and resume state of `mine`."""
+        return self.mine is not None and (not self.data_parallel or self.ranks.is_main)
+
+
 def train_pass(
     p: sweep.Pass,
     data: PassData,
     run_dir: pathlib.Path,
-    device: torch.device,
     run_cfg,
+    role: Role,
 ) -> dict[str, dict]:
-    """Train every member of pass `p`; returns per-member status {name: {...}}."""
-    cfg = p.cfg
-    B = cfg.data.batch_size
-    d_vit = data.shards.md.d_vit
-    n_steps = math.ceil(cfg.n_train / B)
-    ckpt_steps = math.ceil(run_cfg.ckpt_every / B) if run_cfg.ckpt_every > 0 else n_steps
-    state_path = run_dir / "state" / f"pass{p.index}.pt"
+    """Train this rank's members of pass `p`; returns every member's status {name: {...}}."""
+    return PassTrainer(p, data, run_dir, run_cfg, role).fit()
 
+
+class PassTrainer:
+    """This rank's members of one pass, their optimisers and where the pass stands.
+
+    `fit` is the whole story: build (in `__init__`), resume or initialise from data, then per
+    batch a training step, its log lines and, when due, a checkpoint; a final checkpoint at
+    the end. Each step has its own method below, in that order. With several ranks, all of
+    them step through the same batches and meet at the same checkpoints, even a rank that
+    trains none of the pass's members.
+    """
+
+    def __init__(self, p: sweep.Pass, data: PassData, run_dir: pathlib.Path, run_cfg, role: Role):
+        self.p, self.data, self.run_dir = p, data, run_dir
+        self.run_cfg, self.role, self.ranks = run_cfg, role, role.ranks
+        self.device = role.ranks.device
+        self.groups = role.mine.groups if role.mine is not None else []
+        self.B = p.cfg.data.batch_size
+        self.n_steps = math.ceil(p.cfg.n_train / self.B)
+        every = run_cfg.ckpt_every
+        self.ckpt_steps = math.ceil(every / self.B) if every > 0 else self.n_steps
+        self.stacks, self.opts, self.peaks = build(self.groups, data.shards.md.d_vit, self.device)
+        self.modules: list[torch.nn.Module] = list(self.stacks)
+        self.status: dict[str, dict] = {
+            m.name: {"status": "ok", "ckpt_step": None} for g in self.groups for m in g.members
+        }
+        self.pass_status: dict[str, dict] = {}
+        """Every member's status as of the last checkpoint (all ranks')."""
+        self.step = 0
+        self.logs: list[list[MemberLog]] = []
+        # Throughput since training (re)started, and the best live member's batch FVU (and its
+        # L0) over the groups of the latest logged step, for the progress bar.
+        self.t0, self.steps_timed = time.perf_counter(), 0
+        self.best: tuple[float, float] | None = None
+
+    def fit(self) -> dict[str, dict]:
+        if not self.resume():
+            self.init_from_data()
+        if self.step >= self.n_steps:
+            return self.pass_status
+        self.start()
+        bar = self.progress_bar()
+        batches = dist.batches(
+            self.data.loader,
+            self.step * self.B,
+            self.ranks,
+            self.role.read,
+            needed=bool(self.groups),
+        )
+        interrupt = Interrupt()
+        try:
+            for x in batches:
+                log_now = self.train_step(x)
+                bar.update(self.B)
+                if log_now:
+                    if self.best is not None:
+                        bar.set_postfix(best_fvu=f"{self.best[0]:.3f}", l0=f"{self.best[1]:.1f}")
+                    self.best = None
+                if self.step >= self.n_steps:
+                    break
+                self.checkpoint_if_needed(interrupt, log_now)
+        finally:
+            interrupt.restore()
+            batches.close()
+            bar.close()
+            for gl in self.logs:
+                for log in gl:
+                    log.close()
+        self.checkpoint(final=True)
+        return self.pass_status
+
+    def start(self) -> None:
+        """Training mode, DDP for --data-parallel, this rank's metrics logs, the clock."""
+        for s in self.stacks:
+            s.train()
+        if self.role.data_parallel and self.ranks.distributed:
+            self.modules = [data_parallel(s, self.ranks) for s in self.stacks]
+        if self.role.writes:
+            wandb = self.run_cfg.wandb
+            self.logs = [
+                [MemberLog(self.run_dir, m, wandb, resume_step=self.step) for m in g.members]
+                for g in self.groups
+            ]
+        self.t0 = time.perf_counter()
+
+    def progress_bar(self) -> tqdm:
+        """Tokens of the pass, on rank 0 only."""
+        return tqdm(
+            total=self.n_steps * self.B,
+            initial=self.step * self.B,
+            unit="tok",
+            unit_scale=True,
+            desc=f"pass {self.p.index}",
+            disable=True if not self.ranks.is_main else None,
+        )
+
+    # ---- resume or initialise ------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Load this rank's members from the pass's last committed checkpoint, if any."""
+        doc = state.committed(self.run_dir, self.p.index)
+        if doc is None:
+            return False
+        self.step = int(doc["step"])
+        self.pass_status = doc["status"]
+        self.status = {name: self.pass_status[name] for name in self.status}
+        state.load_members(
+            self.run_dir,
+            self.p.index,
+            self.step,
+            [
+                ([m.name for m in g.members], s, o)
+                for g, s, o in zip(self.groups, self.stacks, self.opts, strict=True)
+            ],
+            self.device,
+        )
+        if self.ranks.is_main:
+            print(
+                f"pass {self.p.index}: resuming at step {self.step:,} of {self.n_steps:,} "
+                f"({self.step * self.B:,} tokens)"
+            )
+        return True
+
+    def init_from_data(self) -> None:
+        """Input scale, b_dec and encoder gain of every stack, from one seeded sample."""
+        if not self.groups and self.role.read == "each":
+            return
+        cfg = self.p.cfg
+        sample = dist.init_sample(
+            self.data.loader, cfg.n_init_sample, cfg.data.seed, self.ranks, self.role.read
+        )
+        for s in self.stacks:
+            s.init_from_data(sample)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor | None) -> bool:
+        """Step every group on batch `x`; returns whether this step was logged."""
+        seen = self.step * self.B
+        log_now = (self.step + 1) % self.run_cfg.log_every == 0 or self.step + 1 == self.n_steps
+        if self.role.data_parallel and x is not None:
+            x = x.chunk(self.ranks.world)[self.ranks.rank]  # this rank's slice
+        for gi, g in enumerate(self.groups):
+            s, opt = self.stacks[gi], self.opts[gi]
+            lrs = [
+                member_lr(m, peak, seen) for m, peak in zip(g.members, self.peaks[gi], strict=True)
+            ]
+            warm = [warmup_frac(seen, m.cfg.sae.sparsity_warmup) for m in g.members]
+            opt.set_lr(lrs)
+            with autocast(self.device, g.cfg.dtype):
+                out = self.modules[gi](x, warmup=torch.tensor(warm, device=self.device))
+            opt.zero_grad()
+            out.losses["total"].sum().backward()
+            loss = out.losses["total"].detach()
+            if self.role.data_parallel:
+                # Gradients were averaged by DDP; the loss is too, so every rank freezes alike.
+                loss = self.ranks.all_reduce_(loss.clone()).div_(self.ranks.world)
+            newly = opt.step(loss)
+            if self.role.data_parallel:
+                sync_buffers(s, self.ranks, x.shape[0])
+            if bool(newly.any()):
+                self.stop_members(g, newly, loss)
+            if log_now and self.role.writes:
+                self.log_step(gi, x, out, lrs, warm)
+        self.step += 1
+        self.steps_timed += 1
+        return log_now
+
+    def stop_members(self, g: sweep.Group, newly: torch.Tensor, loss: torch.Tensor) -> None:
+        """Record and announce members frozen by this step (non-finite loss or gradient)."""
+        for i in newly.nonzero().flatten().tolist():
+            st = self.status[g.members[i].name]
+            st.update(status="stopped", stopped_step=self.step + 1)
+            st["reason"] = f"non-finite loss ({float(loss[i])}) or gradient"
+            kept = (
+                f"its last good checkpoint (step {st['ckpt_step']:,}) is kept"
+                if st["ckpt_step"]
+                else "it has no checkpoint yet"
+            )
+            msg = (
+                f"member {g.members[i].name}: {st['reason']} at step {self.step + 1:,}; "
+                f"stopped it, {kept}; the others go on."
+            )
+            if self.role.writes:
+                logger.warning(msg)
+                tqdm.write(f"warning: {msg}")
+
+    def log_step(self, gi: int, x: torch.Tensor, out, lrs: list[float], warm: list[float]) -> None:
+        """One metrics.jsonl line per member of group `gi`; tracks the best live batch FVU.
+
+        Batch metrics are of this rank's batch (with --data-parallel, rank 0's slice)."""
+        s = self.stacks[gi]
+        rows = step_metrics(x, out, s)
+        elapsed = time.perf_counter() - self.t0
+        tps = (self.steps_timed + 1) * self.B / max(elapsed, 1e-9)
+        frozen = s.frozen.tolist()
+        for i, log in enumerate(self.logs[gi]):
+            row = {
+                "step": self.step + 1,
+                "tokens": (self.step + 1) * self.B,
+                "lr": lrs[i],
+                "sparsity_warmup": warm[i],
+                **{k: v[i] for k, v in rows.items()},
+                "tokens_per_s": tps,
+                "stopped": frozen[i],
+            }
+            log.write(row)
+            if (
+                not frozen[i]
+                and math.isfinite(row["fvu"])
+                and (self.best is None or row["fvu"] < self.best[0])
+            ):
+                self.best = (row["fvu"], row["l0"])
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint_if_needed(self, interrupt: "Interrupt", log_now: bool) -> None:
+        """Periodic checkpoint; after a Ctrl-C, save the state now and stop.
+
+        Ranks must checkpoint at the same step, so they agree on a Ctrl-C first; with several
+        ranks only at logged steps and periodic checkpoints (a collective every step would
+        stall a GPU), so they stop within `log_every` steps."""
+        due = self.step % self.ckpt_steps == 0
+        if not self.ranks.distributed:
+            asked = interrupt.asked
+        else:
+            asked = self.ranks.any(interrupt.asked) if due or log_now else False
+        if due or asked:
+            self.checkpoint(final=False)
+        if asked:
+            if self.ranks.is_main:
+                tqdm.write(
+                    f"interrupted: state saved at step {self.step:,}; continue with "
+                    f"`python -m saev train --resume {self.run_dir}`."
+                )
+            raise KeyboardInterrupt
+
+    def checkpoint(self, final: bool) -> None:
+        """Member checkpoints and resume state of this rank, then the commit of the step."""
+        if self.role.writes:
+            self.save_members(final)
+            self.save_state()
+        statuses = self.ranks.all_gather(self.status if self.role.writes else {})
+        self.pass_status = {k: v for st in statuses for k, v in st.items()}
+        if self.ranks.is_main:
+            state.commit(self.run_dir, self.p.index, self.step, self.pass_status)
+
+    def save_members(self, final: bool) -> None:
+        """Each live member's checkpoint directory; flush the metrics written so far."""
+        for gi, (g, s) in enumerate(zip(self.groups, self.stacks, strict=True)):
+            frozen = s.frozen.tolist()
+            for i, m in enumerate(g.members):
+                if frozen[i]:
+                    continue  # a stopped member keeps its last good checkpoint
+                extra = ckpt_extra(self.p, self.data, m, self.run_dir)
+                extra.update(step=self.step, tokens_seen=self.step * self.B, final=final)
+                saev.nn.save(s, i, self.run_dir / "members" / m.name, extra)
+                self.status[m.name]["ckpt_step"] = self.step
+            for log in self.logs[gi] if self.logs else []:
+                log.flush()
+
+    def save_state(self) -> None:
+        """Each member's slice of its stack and optimiser state, for `--resume`."""
+        members = [
+            (m.name, s, o, i)
+            for g, s, o in zip(self.groups, self.stacks, self.opts, strict=True)
+            for i, m in enumerate(g.members)
+        ]
+        state.write_members(self.run_dir, self.p.index, self.step, members)
+
+
+def build(
+    groups: list[sweep.Group], d_vit: int, device: torch.device
+) -> tuple[list[saev.nn.Stack], list[saev.nn.StackAdam], list[list[float]]]:
+    """One stack and one optimiser per group, and each member's peak learning rate."""
     stacks = [
         saev.nn.make_stack(
             g.cfg.sae.family,
@@ -107,166 +396,28 @@ def train_pass(
             members=[sweep.hparams(m.cfg) for m in g.members],
             device=device,
         )
-        for g in p.groups
+        for g in groups
     ]
-    peaks = [
-        [peak_lr(m, s.d_sae) for m in g.members] for g, s in zip(p.groups, stacks, strict=True)
-    ]
+    peaks = [[peak_lr(m, s.d_sae) for m in g.members] for g, s in zip(groups, stacks, strict=True)]
     opts = [
         saev.nn.StackAdam(s, lr=lr, max_grad_norm=[m.cfg.grad_clip for m in g.members])
-        for g, s, lr in zip(p.groups, stacks, peaks, strict=True)
+        for g, s, lr in zip(groups, stacks, peaks, strict=True)
     ]
-    status: dict[str, dict] = {m.name: {"status": "ok", "ckpt_step": None} for m in p.members}
-    step = 0
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("version") != STATE_VERSION:
-            from saev.errors import UserError
+    return stacks, opts, peaks
 
-            raise UserError(f"{state_path}: resume state of another saev version; start a new run.")
-        step = int(state["step"])
-        for s, o, ss, os_ in zip(stacks, opts, state["stacks"], state["opts"], strict=True):
-            s.load_state_dict(ss)
-            o.load_state_dict(os_)
-        torch.set_rng_state(state["rng"].cpu())
-        status = json.loads(state["status"])
-        print(f"pass {p.index}: resuming at step {step:,} of {n_steps:,} ({step * B:,} tokens)")
-    else:
-        sample = data.loader.sample(cfg.n_init_sample, seed=cfg.data.seed).to(device)
-        for s in stacks:
-            s.init_from_data(sample)
-        del sample
-    if step >= n_steps:
-        return status
 
-    logs = [
-        [MemberLog(run_dir, m, run_cfg.wandb, resume_step=step) for m in g.members]
-        for g in p.groups
-    ]
-
-    def checkpoint(final: bool) -> None:
-        for g, s, gl in zip(p.groups, stacks, logs, strict=True):
-            frozen = s.frozen.tolist()
-            for i, m in enumerate(g.members):
-                if frozen[i]:
-                    continue  # a stopped member keeps its last good checkpoint
-                extra = ckpt_extra(p, data, m, run_dir)
-                extra.update(step=step, tokens_seen=step * B, final=final)
-                saev.nn.save(s, i, run_dir / "members" / m.name, extra)
-                status[m.name]["ckpt_step"] = step
-            for log in gl:
-                log.flush()
-        state = {
-            "version": STATE_VERSION,
-            "step": step,
-            "stacks": [s.state_dict() for s in stacks],
-            "opts": [o.state_dict() for o in opts],
-            "rng": torch.get_rng_state(),
-            "status": json.dumps(status),
-        }
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)
-
-    for s in stacks:
-        s.train()
-    bar = tqdm(
-        total=n_steps * B, initial=step * B, unit="tok", unit_scale=True, desc=f"pass {p.index}"
+def member_lr(m: sweep.Member, peak: float, seen: int) -> float:
+    """Member `m`'s learning rate after `seen` training tokens (docs/train.md)."""
+    c = m.cfg
+    return lr_at(
+        seen,
+        lr=peak,
+        warmup=lr_warmup_tokens(c.lr_warmup, c.n_train),
+        n_train=c.n_train,
+        decay=c.lr_decay,
+        decay_frac=c.lr_decay_frac,
+        min_frac=c.min_lr_frac,
     )
-    t0, steps_timed = time.perf_counter(), 0
-    best: tuple[float, float] | None = None
-    batches = data.loader.batches(start=step * B)
-    interrupt = Interrupt()
-    try:
-        for x in batches:
-            x = x.to(device, non_blocking=True)
-            seen = step * B
-            log_now = (step + 1) % run_cfg.log_every == 0 or step + 1 == n_steps
-            for g, s, opt, gl, peak in zip(p.groups, stacks, opts, logs, peaks, strict=True):
-                ms = g.members
-                lrs = [
-                    lr_at(
-                        seen,
-                        lr=lr,
-                        warmup=lr_warmup_tokens(m.cfg.lr_warmup, m.cfg.n_train),
-                        n_train=m.cfg.n_train,
-                        decay=m.cfg.lr_decay,
-                        decay_frac=m.cfg.lr_decay_frac,
-                        min_frac=m.cfg.min_lr_frac,
-                    )
-                    for m, lr in zip(ms, peak, strict=True)
-                ]
-                warm = [warmup_frac(seen, m.cfg.sae.sparsity_warmup) for m in ms]
-                opt.set_lr(lrs)
-                with autocast(device, g.cfg.dtype):
-                    out = s(x, warmup=torch.tensor(warm, device=device))
-                opt.zero_grad()
-                out.losses["total"].sum().backward()
-                newly = opt.step(out.losses["total"])
-                if bool(newly.any()):
-                    for i in newly.nonzero().flatten().tolist():
-                        st = status[ms[i].name]
-                        st.update(status="stopped", stopped_step=step + 1)
-                        st["reason"] = (
-                            f"non-finite loss ({float(out.losses['total'][i].detach())}) or gradient"
-                        )
-                        kept = (
-                            f"its last good checkpoint (step {st['ckpt_step']:,}) is kept"
-                            if st["ckpt_step"]
-                            else "it has no checkpoint yet"
-                        )
-                        msg = f"member {ms[i].name}: {st['reason']} at step {step + 1:,}; stopped it, {kept}; the others go on."
-                        logger.warning(msg)
-                        tqdm.write(f"warning: {msg}")
-                if log_now:
-                    rows = step_metrics(x, out, s)
-                    elapsed = time.perf_counter() - t0
-                    tps = (steps_timed + 1) * B / max(elapsed, 1e-9)
-                    frozen = s.frozen.tolist()
-                    for i, log in enumerate(gl):
-                        row = {
-                            "step": step + 1,
-                            "tokens": (step + 1) * B,
-                            "lr": lrs[i],
-                            "sparsity_warmup": warm[i],
-                            **{k: v[i] for k, v in rows.items()},
-                            "tokens_per_s": tps,
-                            "stopped": frozen[i],
-                        }
-                        log.write(row)
-                        if (
-                            not frozen[i]
-                            and math.isfinite(row["fvu"])
-                            and (best is None or row["fvu"] < best[0])
-                        ):
-                            best = (row["fvu"], row["l0"])
-            step += 1
-            steps_timed += 1
-            bar.update(B)
-            if log_now:
-                if best is not None:
-                    bar.set_postfix(best_fvu=f"{best[0]:.3f}", l0=f"{best[1]:.1f}")
-                best = None
-            if step >= n_steps:
-                break
-            if step % ckpt_steps == 0 or interrupt.asked:
-                checkpoint(final=False)
-            if interrupt.asked:
-                tqdm.write(
-                    f"interrupted: state saved at step {step:,}; continue with "
-                    f"`python -m saev train --resume {run_dir}`."
-                )
-                raise KeyboardInterrupt
-    finally:
-        interrupt.restore()
-        batches.close()
-        bar.close()
-        for gl in logs:
-            for log in gl:
-                log.close()
-    checkpoint(final=True)
-    return status
 
 
 def autocast(device: torch.device, dtype: str) -> torch.autocast:

@@ -3,11 +3,15 @@
 1. Expand the grid (flags, `--sweep` TOML) into members and group them into passes and stacks.
 2. Open every pass's shards first, so a bad layer or shard directory fails before anything
    is printed or written; then create the run directory and print the plan.
-3. Train pass by pass (`saev.train.loop`), checkpointing every member periodically.
+3. Train pass by pass (`saev.train.loop`), checkpointing every member periodically. Under
+   torchrun (or `--slurm`) each rank trains its share of the members (`saev.train.partition`),
+   or with `--data-parallel` a slice of every batch (`saev.train.dist`).
 4. Score every member on the eval split with `saev.evaluate` (the same code as
-   `saev evaluate`), write `eval/`, `summary.json` and `summary.md`, and print the table.
+   `saev evaluate`; each rank its share), write `eval/`, `summary.json` and `summary.md`, and
+   print the table.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -17,10 +21,10 @@ import torch
 from saev.errors import UserError
 from saev.evaluate import DataConfig as EvalData
 from saev.evaluate import evaluate_ckpts, write_outputs
-from saev.helpers import atomic_write_json, atomic_write_text, resolve_device, short_hash
-from saev.train import sweep
-from saev.train.config import Config, DataConfig, SaeConfig, WandbConfig
-from saev.train.loop import PassData, open_pass, train_pass
+from saev.helpers import atomic_write_json, atomic_write_text, short_hash
+from saev.train import dist, partition, slurm, sweep
+from saev.train.config import LAUNCH_KEYS, Config, DataConfig, SaeConfig, WandbConfig
+from saev.train.loop import PassData, Role, open_pass, train_pass
 
 __all__ = ["Config", "DataConfig", "SaeConfig", "WandbConfig", "main", "train"]
 
@@ -29,54 +33,172 @@ SUMMARY_COLUMNS = ("name", "status", "l0_mean", "fvu", "mse", "cosine", "dead_fr
 
 
 def main(cfg: Config) -> None:
+    if cfg.slurm:
+        submit(cfg)
+        return
     train(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A run that passed every check; nothing is written yet."""
+
+    run_dir: pathlib.Path
+    members: list[sweep.Member]
+    saved: dict | None
+    """run.json of the run being resumed."""
+    passes: list[sweep.Pass]
+    datas: list[PassData]
+
+    @property
+    def d_vits(self) -> dict[int, int]:
+        return {p.index: d.shards.md.d_vit for p, d in zip(self.passes, self.datas, strict=True)}
+
+    def shares(self, world: int) -> list[list[sweep.Pass | None]]:
+        """Each pass's members split over `world` ranks (saev.train.partition)."""
+        return [partition.split(p, self.d_vits[p.index], world) for p in self.passes]
 
 
 def train(cfg: Config) -> pathlib.Path:
     """Train what `cfg` describes; returns the run directory."""
-    run_dir, members, saved = prepare(cfg)
+    # Every rank checks the run before any writes it: the process group's rendezvous in
+    # dist.start waits for all ranks, so rank 0 cannot create the run directory while another
+    # rank still checks that it does not exist.
+    plan = make_plan(cfg)
+    device = run_cfg(cfg, plan.passes[0]).device
+    with dist.start(device) as ranks:
+        check_data_parallel(cfg, plan, ranks.world)
+        shares = plan.shares(ranks.world)
+        read = ranks.read_mode(cfg.dist_read)
+        if ranks.is_main:
+            write_run(plan, rank_lines(cfg, plan, shares, ranks, read))
+        ranks.barrier()  # the run directory exists before any rank writes into it
+
+        data_parallel = cfg.data_parallel and ranks.distributed
+        status: dict[str, dict] = {}
+        for p, data, share in zip(plan.passes, plan.datas, shares, strict=True):
+            mine = p if data_parallel else share[ranks.rank]
+            role = Role(mine, ranks, data_parallel, read)
+            status.update(train_pass(p, data, plan.run_dir, run_cfg(cfg, p), role))
+
+        # Each rank scores its share of the members; rank 0 writes the outputs.
+        mine = [share[ranks.rank] for share in shares]
+        scored = evaluate_members(
+            plan.run_dir, [p for p in mine if p is not None], status, ranks.device
+        )
+        results = {r["name"]: r for part in ranks.all_gather(scored) for r in part}
+        if ranks.is_main:
+            ordered = [results[m.name] for p in plan.passes for m in p.members if m.name in results]
+            if ordered:
+                write_outputs(ordered, plan.run_dir / "eval")
+            print(write_summary(plan.run_dir, plan.members, status, results))
+    return plan.run_dir
+
+
+def submit(cfg: Config):
+    """`--slurm`: check and create the run here, then train it in a Slurm job."""
+    slurm.check(cfg)
+    plan = make_plan(cfg)
+    world = slurm.ranks(cfg)
+    check_data_parallel(cfg, plan, world)
+    # The job's ranks use their node's GPUs unless told otherwise (this machine may have none).
+    gpus = cfg.slurm_gpus > 0 and not run_cfg(cfg, plan.passes[0]).device.startswith("cpu")
+    device = torch.device("cuda" if gpus else "cpu")
+    ranks = dist.Ranks(world=world, backend="nccl" if gpus else "gloo", device=device)
+    read = ranks.read_mode(cfg.dist_read)
+    executor = slurm.make_executor(cfg)  # no Slurm: fail before writing anything
+    write_run(plan, rank_lines(cfg, plan, plan.shares(world), ranks, read))
+    return slurm.submit(cfg, plan.run_dir, train, executor=executor)
+
+
+def make_plan(cfg: Config) -> Plan:
+    """Every check that can fail on the user's input, before anything is written."""
+    run_dir, members, saved = prepare(without_launch(cfg))
     passes = sweep.group(members)
     datas = [open_pass(p) for p in passes]  # a bad shard directory or layer fails here
     check_widths(passes, datas)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(sweep.plan_text(passes))
-    print(f"run directory: {run_dir}")
-    d_vits = {str(p.index): d.shards.md.d_vit for p, d in zip(passes, datas, strict=True)}
+    plan = Plan(run_dir, members, saved, passes, datas)
     if saved is not None:
-        for key, d_vit in d_vits.items():
-            want = saved.get("d_vit", {}).get(key)
+        for index, d_vit in plan.d_vits.items():
+            want = saved.get("d_vit", {}).get(str(index))
             if want is not None and want != d_vit:
-                root = passes[int(key)].cfg.data.shard_root
+                root = passes[index].cfg.data.shard_root
                 raise UserError(
                     f"--resume {run_dir}: the run was trained on d_vit={want}, but {root} holds "
                     f"d_vit={d_vit}; resume on the shards it was trained on."
                 )
-    else:
-        atomic_write_json(
-            run_dir / RUN_FILE,
-            {
-                "members": [
-                    {
-                        "index": m.index,
-                        "name": m.name,
-                        "axes": m.axes,
-                        "config": sweep.to_dict(m.cfg),
-                    }
-                    for m in members
-                ],
-                "d_vit": d_vits,
-            },
-        )
+    return plan
 
-    device = resolve_device(run_cfg(cfg, passes[0]).device)
-    status: dict[str, dict] = {}
-    for p, data in zip(passes, datas, strict=True):
-        status.update(train_pass(p, data, run_dir, device, run_cfg(cfg, p)))
 
-    results = evaluate_run(run_dir, passes, status, device)
-    summary = write_summary(run_dir, members, status, results)
-    print(summary)
-    return run_dir
+def write_run(plan: Plan, rank_lines: list[str]) -> None:
+    """Create the run directory, print the plan and, for a new run, write run.json."""
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    print("\n".join([sweep.plan_text(plan.passes), *rank_lines]))
+    print(f"run directory: {plan.run_dir}")
+    if plan.saved is not None:
+        return
+    atomic_write_json(
+        plan.run_dir / RUN_FILE,
+        {
+            "members": [
+                {"index": m.index, "name": m.name, "axes": m.axes, "config": sweep.to_dict(m.cfg)}
+                for m in plan.members
+            ],
+            "d_vit": {str(k): v for k, v in plan.d_vits.items()},
+        },
+    )
+
+
+def rank_lines(
+    cfg: Config,
+    plan: Plan,
+    shares: list[list[sweep.Pass | None]],
+    ranks: dist.Ranks,
+    read: dist.Read,
+) -> list[str]:
+    """The plan's `rank R:` lines (none for a single process)."""
+    if not ranks.distributed:
+        return []
+    how = {
+        "broadcast": "rank 0 reads each batch and broadcasts it",
+        "each": "each rank reads the same stream of batches",
+    }[read]
+    head = f"ranks: {ranks.world} ({ranks.backend}); {how}"
+    if cfg.data_parallel:
+        head += "; data-parallel: every rank trains every member on its slice of each batch"
+        return [head] + [
+            f"rank {r}: every member, on slice {r + 1}/{ranks.world} of each batch"
+            for r in range(ranks.world)
+        ]
+    return [head + "; members split by cost"] + partition.plan_lines(
+        plan.passes, shares, plan.d_vits
+    )
+
+
+def without_launch(cfg: Config) -> Config:
+    """`cfg` with the launch flags (ranks, Slurm) at their defaults: they are not part of what
+    is trained, so they stay out of the members' configs, run.json and checkpoints."""
+    default = Config()
+    return sweep.replace(cfg, {k: getattr(default, k) for k in LAUNCH_KEYS})
+
+
+def check_data_parallel(cfg: Config, plan: Plan, world: int) -> None:
+    if not cfg.data_parallel or world <= 1:
+        return
+    for p in plan.passes:
+        B = p.cfg.data.batch_size
+        if B % world:
+            raise UserError(
+                f"--data-parallel over {world} ranks: pass {p.index}'s data.batch_size={B} must be "
+                f"a multiple of {world} (each rank takes an equal slice)."
+            )
+        for m in p.members:
+            if m.cfg.sae.family.startswith("vsae-"):
+                raise UserError(
+                    f"--data-parallel: member {m.name} is variational ({m.cfg.sae.family}); its "
+                    "noise is drawn per member and step, the same on every rank, so ranks' slices "
+                    "would share it. Train it without --data-parallel (members split across ranks)."
+                )
 
 
 def run_cfg(cfg: Config, p: sweep.Pass) -> Config:
@@ -151,6 +273,13 @@ def check_member(m: sweep.Member) -> None:
             "or the learning rate never reaches its peak; lower it or leave it unset (default: min(1M, 5% of n_train))."
         )
     sweep.hparams(c)  # the family's hyperparameters, checked
+    default = Config()
+    for key in LAUNCH_KEYS:
+        if getattr(c, key) != getattr(default, key):
+            raise UserError(
+                f"{c.sweep}: key {key!r} says how this command runs, not what it trains; "
+                f"give it on the command line (--{key.replace('_', '-')})."
+            )
 
 
 def check_widths(passes: list[sweep.Pass], datas: list[PassData]) -> None:
@@ -167,10 +296,10 @@ def check_widths(passes: list[sweep.Pass], datas: list[PassData]) -> None:
                 )
 
 
-def evaluate_run(
+def evaluate_members(
     run_dir: pathlib.Path, passes: list[sweep.Pass], status: dict, device: torch.device
-) -> dict[str, dict]:
-    """Score every member that has a checkpoint on its pass's eval split."""
+) -> list[dict]:
+    """Score every member of `passes` that has a checkpoint on its pass's eval split."""
     results = []
     for p in passes:
         c = p.cfg
@@ -185,9 +314,7 @@ def evaluate_run(
             continue
         data = EvalData(batch_size=c.data.batch_size, n_tokens=c.n_eval, n_threads=c.data.n_threads)
         results += evaluate_ckpts(ckpts, data=data, device=device)
-    if results:
-        write_outputs(results, run_dir / "eval")
-    return {r["name"]: r for r in results}
+    return results
 
 
 def write_summary(
