@@ -123,7 +123,10 @@ UNSCALED = (
     "takes raw activations, which is what 0.1's guide turned scaling off for: drop it"
 )
 UNIT_NORM = "saev always keeps decoder rows at unit norm and removes the parallel gradient"
-NO_SLURM = "saev train submits no Slurm jobs: run `python -m saev train ...` inside your own job"
+NO_SLURM = (
+    "Slurm settings are launch flags, not sweep keys: give `--slurm` (and `--slurm-account`, "
+    "`--log-to`) on the command line"
+)
 ONE_DATASET = "saev reads the dataset from the shards' metadata"
 LEGACY_SCALING = (
     "saev reads a 0.1 SAE's scale_mean/scale_norm from the run's config.json beside its "
@@ -272,10 +275,9 @@ FLAGS: dict[str, dict[str, tuple[int, Rule]]] = {
         "--prefetch-factor": (1, drop("saev's loader prefetches itself")),
         "--span-all-devices": (0, refuse("drop it: each saev train process uses one device")),
         "--no-span-all-devices": (0, drop("each saev train process uses one device")),
-        "--slurm": (0, refuse(NO_SLURM)),
-        "--no-slurm": (0, drop("saev train submits no Slurm jobs")),
-        "--slurm-acct": (1, refuse(NO_SLURM)),
-        "--log-to": (1, refuse(NO_SLURM)),
+        # `--slurm`, `--no-slurm` and `--log-to` are saev train flags too (docs/scaling.md).
+        "--slurm-acct": (1, to("--slurm-account")),
+        "--n-hours": (1, hours),
         "--load-checkpoint": (1, refuse("score a checkpoint with `saev evaluate --ckpt PATH`")),
         **{
             flag: (1, drop("saev counts a latent dead after --sae.dead-after-tokens tokens"))
@@ -568,8 +570,8 @@ SWEEP_KEYS: dict[str, Key] = {
     "prefetch_factor": Key(dropped, "saev's loader prefetches itself"),
     "span_all_devices": Key(only(False, "each saev train process uses one device"), ""),
     "slurm": Key(only(False, NO_SLURM), ""),
-    "slurm_acct": Key(dropped, "saev train submits no Slurm jobs"),
-    "log_to": Key(dropped, "saev train submits no Slurm jobs"),
+    "slurm_acct": Key(dropped, "a launch flag: give --slurm-account on the command line"),
+    "log_to": Key(dropped, "a launch flag: give --log-to on the command line"),
     "feature_sampling_window": Key(dropped, "saev uses [sae] dead_after_tokens"),
     "dead_feature_window": Key(dropped, "saev uses [sae] dead_after_tokens"),
     "dead_feature_threshold": Key(dropped, "saev uses [sae] dead_after_tokens"),

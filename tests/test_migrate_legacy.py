@@ -13,8 +13,8 @@ from test_images import hf_dataset
 import saev.nn
 from saev.__main__ import run
 from saev.errors import UserError
-from saev.recorded import image_index, parse_legacy_data, recorded
 from saev.nn.checkpoint import LEGACY_RAW, LEGACY_UNKNOWN, LegacySAE
+from saev.recorded import image_index, parse_legacy_data, recorded
 from saev.shards import Shards
 
 N = 10  # images per class

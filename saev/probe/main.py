@@ -22,10 +22,10 @@ import saev.nn
 from saev.calibration import calibrate_for_shards
 from saev.errors import UserError
 from saev.helpers import resolve_device
-from saev.recorded import image_index
 from saev.nn import SAE
 from saev.probe import ablate, align, intersect, report, reps, schema, split
 from saev.probe import fit as fitting
+from saev.recorded import image_index
 from saev.shards import Shards
 
 logger = logging.getLogger("saev.probe")
