@@ -22,7 +22,10 @@ def saev_flags(cls: type, prefix: str = "") -> set[str]:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = prefix + f.name.replace("_", "-")
-        options = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        # Classes only: tyro.conf.arg(...) in Annotated metadata is a dataclass instance.
+        options = [
+            a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)
+        ]
         for arg in typing.get_args(tp):  # Annotated[Folder, subcommand("folder")] | ...
             inner = typing.get_args(arg)
             if inner and dataclasses.is_dataclass(inner[0]):

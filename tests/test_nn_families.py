@@ -270,6 +270,18 @@ def test_hparam_validation_messages():
     assert math.isclose(saev.nn.HPARAMS["topk"]["aux_coeff"], 1 / 32)
 
 
+def test_every_hparam_has_one_spec_and_its_defaults_fit_it():
+    """`HPARAM_SPECS` is the one list of names and types; each family's defaults must agree."""
+    used = {key for hp in saev.nn.HPARAMS.values() for key in hp}
+    assert used == set(saev.nn.HPARAM_SPECS)
+    for family, defaults in saev.nn.HPARAMS.items():
+        for key, value in defaults.items():
+            tp = saev.nn.HPARAM_SPECS[key].type
+            want = (list, tuple) if tp == tuple[float, ...] else tp
+            assert isinstance(value, want), (family, key, value)
+            assert saev.nn.check_hparams(family, {})[key] == value
+
+
 @pytest.mark.parametrize("family", saev.nn.FAMILIES)
 def test_encode_gradient_wrt_input_matches_finite_differences(family):
     """Splicing an SAE into a ViT needs d codes / d input; the sparse top-k path used to drop it."""

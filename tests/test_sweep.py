@@ -148,6 +148,22 @@ def test_families_match_saev_nn():
     assert used == set(HPARAM_FIELDS)
 
 
+def test_sae_flags_come_from_the_hparam_specs():
+    """Each `--sae.NAME` flag and `[sae] NAME` key is a saev.nn hyperparameter, typed and documented there."""
+    import typing
+
+    import saev.nn
+    from saev.train.config import HPARAM_FIELDS, SaeConfig
+
+    hints = typing.get_type_hints(SaeConfig, include_extras=True)
+    for name in HPARAM_FIELDS:
+        spec = saev.nn.HPARAM_SPECS[name]
+        tp, arg = typing.get_args(hints[name])
+        assert tp == spec.type | None and arg.help == spec.doc
+        assert sweep.fields()[f"sae.{name}"] == spec.type | None
+    assert SaeConfig().k is None and SaeConfig(k=3).k == 3
+
+
 def test_example_configs_expand():
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("*.toml"))

@@ -16,8 +16,10 @@ from saev.nn.families import (
 from saev.nn.hparams import (
     FAMILIES,
     GROUP_HPARAMS,
+    HPARAM_SPECS,
     HPARAMS,
     Family,
+    Hparam,
     check_family,
     check_hparams,
 )
@@ -30,6 +32,7 @@ from saev.nn.vsae import VGatedStack, VIsoStack, VJumpReLUStack, VMixtureStack, 
 __all__ = [
     "FAMILIES",
     "GROUP_HPARAMS",
+    "HPARAM_SPECS",
     "HPARAMS",
     "LEGACY_UNKNOWN",
     "SAE",
@@ -47,6 +50,7 @@ __all__ = [
     "VMixtureStack",
     "VTopKStack",
     "Family",
+    "Hparam",
     "Stack",
     "StackAdam",
     "StackOutput",

@@ -4,8 +4,13 @@ A sweep sets these per member of a stack; the trainer validates its sweep keys a
 `HPARAMS` and groups members into stacks by family, width and `GROUP_HPARAMS` (the
 structural keys that must be equal inside one stack). Learning rate, batch size and
 schedules belong to the trainer, not here. Meaning of every key: docs/families.md.
+
+This module is the one home of each hyperparameter: `HPARAM_SPECS` gives its name, type and
+one-line doc, `HPARAMS` its default in each family that takes it. `saev train` builds its
+`--sae.*` flags, their `--help` text and the `[sae]` keys of a sweep TOML from them.
 """
 
+import dataclasses
 import math
 import typing
 
@@ -26,6 +31,62 @@ Family = typing.Literal[
 ]
 """Every SAE family name; the one list (train's `--sae.family` choices come from it)."""
 FAMILIES: tuple[str, ...] = typing.get_args(Family)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hparam:
+    """What one per-member hyperparameter is. Its default lives in `HPARAMS`, per family,
+    because families differ (relu's `sparsity_coeff` is not gated's)."""
+
+    type: typing.Any
+    """int, float, bool, str or tuple[float, ...]: what `saev train` parses for it."""
+    doc: str
+    """One line: its meaning and the families that use it (`saev train --help` shows it)."""
+
+
+HPARAM_SPECS: dict[str, Hparam] = {
+    "k": Hparam(int, "Active latents per token (topk, batchtopk, matryoshka, vsae-topk)."),
+    "k_aux": Hparam(int, "Dead latents used by the AuxK loss (topk, batchtopk, matryoshka)."),
+    "aux_coeff": Hparam(float, "AuxK coefficient alpha (topk, batchtopk, matryoshka)."),
+    "threshold_decay": Hparam(
+        float, "EMA decay of the BatchTopK inference threshold (batchtopk, matryoshka)."
+    ),
+    "sparsity_coeff": Hparam(
+        float,
+        "Sparsity coefficient lambda (relu, vsae-iso, vsae-mixture L1; jumprelu L0; gated L1).",
+    ),
+    "target_l0": Hparam(
+        float, "JumpReLU target L0: lambda*(L0/L0*-1)^2 instead of the plain L0 penalty when > 0."
+    ),
+    "bandwidth": Hparam(float, "JumpReLU straight-through bandwidth epsilon."),
+    "threshold_init": Hparam(float, "JumpReLU initial threshold theta."),
+    "base": Hparam(str, "Matryoshka base family (topk or batchtopk)."),
+    "prefix_fracs": Hparam(
+        tuple[float, ...], "Matryoshka nested prefixes as fractions of d_sae (the last one is 1.0)."
+    ),
+    "kl_coeff": Hparam(float, "Variational (vsae-*) KL coefficient beta."),
+    "logvar_min": Hparam(float, "Variational lower clamp of log sigma^2."),
+    "logvar_max": Hparam(float, "Variational upper clamp of log sigma^2."),
+    "n_components": Hparam(
+        int, "vsae-mixture: Gaussian components K of each latent's prior (equal within a stack)."
+    ),
+    "prior_spread": Hparam(
+        float,
+        "vsae-mixture: initial component means evenly spaced over [-prior_spread, prior_spread].",
+    ),
+    "prior_std": Hparam(
+        float, "vsae-mixture: initial standard deviation of every prior component."
+    ),
+    "learn_prior": Hparam(
+        bool, "vsae-mixture: train the prior's means, variances and weights through the KL."
+    ),
+    "dead_after_tokens": Hparam(
+        int,
+        "A latent that has not fired for this many tokens counts as dead (AuxK, dead fraction).",
+    ),
+    "seed": Hparam(int, "Seed of the member's initialisation (`saev train` sets it from --seed)."),
+}
+"""Every per-member hyperparameter, in the order `saev train --help` lists them."""
 
 _COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
 _AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}
@@ -65,7 +126,7 @@ _GROUP = {"matryoshka": {"base", "prefix_fracs"}, "vsae-mixture": {"n_components
 GROUP_HPARAMS: dict[str, frozenset[str]] = {fam: frozenset(_GROUP.get(fam, ())) for fam in FAMILIES}
 
 # Keys whose values must be integers >= 0 (k, k_aux, n_components >= 1 where present).
-INT_KEYS = {"seed", "dead_after_tokens", "k", "k_aux", "n_components"}
+INT_KEYS = frozenset(name for name, spec in HPARAM_SPECS.items() if spec.type is int)
 
 
 def check_family(family: str) -> str:
@@ -91,9 +152,9 @@ def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typin
                 raise UserError(
                     f"{family} hyperparameter {key}={value!r}: expected an integer >= {least}."
                 )
-        elif key == "learn_prior":
+        elif HPARAM_SPECS[key].type is bool:
             if not isinstance(value, bool):
-                raise UserError(f"{family} learn_prior={value!r}: expected true or false.")
+                raise UserError(f"{family} {key}={value!r}: expected true or false.")
         elif key == "base":
             if value not in ("topk", "batchtopk"):
                 raise UserError(f"matryoshka base={value!r}: expected 'topk' or 'batchtopk'.")

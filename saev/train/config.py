@@ -11,7 +11,9 @@ import dataclasses
 import pathlib
 import typing
 
-from saev.nn import Family
+import tyro
+
+from saev.nn import HPARAM_SPECS, Family
 from saev.shards import Tokens
 from saev.train.schedules import Decay
 
@@ -43,11 +45,8 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SaeConfig:
-    """The SAE family, its width and its hyperparameters (docs/families.md).
-
-    A hyperparameter left unset (None) takes the family's default from `saev.nn.HPARAMS`.
-    """
+class _SaeTrainerFields:
+    """The fields of `SaeConfig` that are the trainer's, not a member hyperparameter of saev.nn."""
 
     family: Family = "topk"
     """SAE family; members with the same family and width train as one stacked group."""
@@ -55,65 +54,33 @@ class SaeConfig:
     """Width of the SAE as a multiple of d_vit (d_sae = exp_factor * d_vit)."""
     sparsity_warmup: int = 0
     """Tokens over which every sparsity coefficient and KL coefficient rises linearly from 0."""
-    k: int | None = None
-    """Active latents per token (topk, batchtopk, matryoshka, vsae-topk)."""
-    k_aux: int | None = None
-    """Dead latents used by the AuxK loss (topk, batchtopk, matryoshka)."""
-    aux_coeff: float | None = None
-    """AuxK coefficient alpha (topk, batchtopk, matryoshka)."""
-    threshold_decay: float | None = None
-    """EMA decay of the BatchTopK inference threshold (batchtopk, matryoshka)."""
-    sparsity_coeff: float | None = None
-    """Sparsity coefficient lambda (relu, vsae-iso, vsae-mixture L1; jumprelu L0; gated L1)."""
-    target_l0: float | None = None
-    """JumpReLU target L0: lambda*(L0/L0*-1)^2 instead of the plain L0 penalty when > 0."""
-    bandwidth: float | None = None
-    """JumpReLU straight-through bandwidth epsilon."""
-    threshold_init: float | None = None
-    """JumpReLU initial threshold theta."""
-    base: str | None = None
-    """Matryoshka base family (topk or batchtopk)."""
-    prefix_fracs: tuple[float, ...] | None = None
-    """Matryoshka nested prefixes as fractions of d_sae (the last one is 1.0)."""
-    kl_coeff: float | None = None
-    """Variational (vsae-*) KL coefficient beta."""
-    logvar_min: float | None = None
-    """Variational lower clamp of log sigma^2."""
-    logvar_max: float | None = None
-    """Variational upper clamp of log sigma^2."""
-    n_components: int | None = None
-    """vsae-mixture: Gaussian components K of each latent's prior (equal within a stack)."""
-    prior_spread: float | None = None
-    """vsae-mixture: initial component means evenly spaced over [-prior_spread, prior_spread]."""
-    prior_std: float | None = None
-    """vsae-mixture: initial standard deviation of every prior component."""
-    learn_prior: bool | None = None
-    """vsae-mixture: train the prior's means, variances and weights through the KL."""
-    dead_after_tokens: int | None = None
-    """A latent that has not fired for this many tokens counts as dead (AuxK, dead fraction)."""
 
 
-HPARAM_FIELDS = (
-    "k",
-    "k_aux",
-    "aux_coeff",
-    "threshold_decay",
-    "sparsity_coeff",
-    "target_l0",
-    "bandwidth",
-    "threshold_init",
-    "base",
-    "prefix_fracs",
-    "kl_coeff",
-    "logvar_min",
-    "logvar_max",
-    "n_components",
-    "prior_spread",
-    "prior_std",
-    "learn_prior",
-    "dead_after_tokens",
+HPARAM_FIELDS = tuple(name for name in HPARAM_SPECS if name != "seed")
+"""SaeConfig fields passed to saev.nn as member hyperparameters (when set and used by the family).
+A member's `seed` is the top-level `seed` instead, so that one flag seeds every member."""
+
+
+def _hparam_field(name: str) -> tuple[str, typing.Any, dataclasses.Field]:
+    """One SaeConfig field per saev.nn hyperparameter: its type and doc (the `--help` text) come
+    from `saev.nn.HPARAM_SPECS`; unset (None) means the family's default."""
+    spec = HPARAM_SPECS[name]
+    tp = typing.Annotated[spec.type | None, tyro.conf.arg(help=spec.doc)]
+    return name, tp, dataclasses.field(default=None)
+
+
+SaeConfig = dataclasses.make_dataclass(
+    "SaeConfig",
+    [_hparam_field(name) for name in HPARAM_FIELDS],
+    bases=(_SaeTrainerFields,),
+    frozen=True,
+    namespace={
+        "__module__": __name__,  # pickles by reference (a Slurm job's config)
+        "__doc__": "The SAE family, its width and its hyperparameters (docs/families.md).\n\n"
+        "A hyperparameter left unset (None) takes the family's default from `saev.nn.HPARAMS`.",
+    },
 )
-"""SaeConfig fields passed to saev.nn as member hyperparameters (when set and used by the family)."""
+"""`family`, `exp_factor`, `sparsity_warmup`, then one optional field per `HPARAM_FIELDS` name."""
 
 
 @dataclasses.dataclass(frozen=True)

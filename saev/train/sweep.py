@@ -13,6 +13,7 @@ import tomllib
 import types
 import typing
 
+import saev.nn
 from saev import migrate
 from saev.errors import UserError
 from saev.train.config import HPARAM_FIELDS, PASS_KEYS, RUN_KEYS, STACK_KEYS, Config
@@ -326,8 +327,6 @@ def drop_unused(cfg: Config) -> Config:
 
 def applies(key: str, family: str) -> bool:
     """Whether dotted `key` means anything to `family` (trainer keys always do)."""
-    import saev.nn
-
     if not key.startswith("sae.") or key.removeprefix("sae.") not in HPARAM_FIELDS:
         return True
     return key.removeprefix("sae.") in saev.nn.HPARAMS[family]
@@ -335,8 +334,6 @@ def applies(key: str, family: str) -> bool:
 
 def check_applicable(cfgs: list[Config], *, source: str, flag: bool) -> None:
     """A hyperparameter set for families none of which use it is an error, not silently ignored."""
-    import saev.nn
-
     families = sorted({c.sae.family for c in cfgs})
     for name in HPARAM_FIELDS:
         is_set = any(getattr(c.sae, name) is not None for c in cfgs)
@@ -351,8 +348,6 @@ def check_applicable(cfgs: list[Config], *, source: str, flag: bool) -> None:
 
 def hparams(cfg: Config) -> dict[str, typing.Any]:
     """The saev.nn member dict of one member: the family's defaults, overridden by what is set."""
-    import saev.nn
-
     allowed = saev.nn.HPARAMS[cfg.sae.family]
     hp: dict[str, typing.Any] = {"seed": cfg.seed}
     for name in HPARAM_FIELDS:
@@ -395,8 +390,6 @@ def member_name(i: int, cfg: Config, axes: dict[str, typing.Any]) -> str:
 def group(members: list[Member]) -> list[Pass]:
     """Members into passes (same data settings) and, within a pass, stacks (same family, width
     and structural hyperparameters, saev.nn.GROUP_HPARAMS)."""
-    import saev.nn
-
     passes: dict[tuple, dict[tuple, list[Member]]] = {}
     for m in members:
         pkey = tuple(str(get(m.cfg, k)) for k in PASS_KEYS)
