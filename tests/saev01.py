@@ -16,6 +16,7 @@ import pathlib
 
 import numpy as np
 import torch
+from factories import make_images
 
 
 def write_shards(
@@ -173,16 +174,11 @@ def make_world(tmp: pathlib.Path, n_per_class: int = 10) -> World:
     """An ImageFolder (cat/ red images, dog/ blue ones, and a README.txt that 0.1 counted as an
     image), its 0.1 shards (patch tokens shifted by +mu for cats, -mu for dogs; 4 patches,
     d_vit 16, layer -2) and two 0.1 run directories of one random SAE."""
-    import PIL.Image
-
     rng = np.random.default_rng(0)
     imgs = tmp / "imgs"
     for cls, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
-        (imgs / cls).mkdir(parents=True)
-        for i in range(n_per_class):
-            noise = rng.integers(-20, 20, (32, 32, 3))
-            pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-            PIL.Image.fromarray(pixels).save(imgs / cls / f"{i}.png")
+        paths = [f"{cls}/{i}.png" for i in range(n_per_class)]
+        make_images(imgs, paths, colours=[colour] * n_per_class, noise=20, rng=rng)
     (imgs / "README.txt").write_text("0.1 counted every file as an image")
     n = 2 * n_per_class
     mu = rng.normal(size=16).astype(np.float32)

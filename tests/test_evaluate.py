@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import tiny_shards
+from factories import tiny_shards
 
 from saev.__main__ import run
 from saev.shards import Shards, iter_images

@@ -5,6 +5,7 @@ import pathlib
 import shutil
 
 import pytest
+from factories import make_images
 
 from saev.errors import UserError
 from saev.images import HF, Demo, FairFace, Folder, ImageNet
@@ -40,11 +41,9 @@ def test_demo_colour_is_planted(tmp_path):
 
 @pytest.fixture
 def folder(tmp_path):
-    src = Demo(root=tmp_path / "demo", n_imgs=6, size=32).load()
-    root = tmp_path / "imgs"
-    (root / "sub").mkdir(parents=True)
-    for i, p in enumerate(src.paths):
-        shutil.copy(src.root / p, root / ("sub" if i % 2 else "") / f"{i}.png")
+    root = make_images(
+        tmp_path / "imgs", [f"sub/{i}.png" if i % 2 else f"{i}.png" for i in range(6)]
+    )
     (root / "notes.txt").write_text("hello")
     (root / "broken.png").write_bytes(b"not a png")
     (root / ".hidden.png").write_bytes(b"ignored")
@@ -79,13 +78,11 @@ def test_folder_labels(folder, tmp_path):
 
 
 def make_fairface(tmp_path, n=4):
-    src = Demo(root=tmp_path / "demo", n_imgs=n, size=32).load()
     root = tmp_path / "fairface"
     for split in ("train", "val"):
-        (root / split).mkdir(parents=True)
+        make_images(root, [f"{split}/{i + 1}.jpg" for i in range(n)])
         lines = ["file,age,gender,race,service_test"]
-        for i, p in enumerate(src.paths):
-            shutil.copy(src.root / p, root / split / f"{i + 1}.jpg")
+        for i in range(n):
             lines.append(
                 f"{split}/{i + 1}.jpg,{i}0-{i}9,{'Male' if i % 2 else 'Female'},White,True"
             )
@@ -189,15 +186,12 @@ def test_fingerprint_tracks_files_and_labels_apart(folder, tmp_path):
 @pytest.fixture
 def image_folder(tmp_path):
     """Two class folders (one nested, odd extensions), a stray file and a broken image."""
-    root = tmp_path / "train"
-    src = Demo(root=tmp_path / "demo", n_imgs=6, size=32).load()
-    for i, p in enumerate(src.paths):
-        cls = ("n02", "n01")[i % 2]
-        where = root / cls / ("deep" if i >= 4 else "")
-        where.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src.root / p, where / f"img{i}.{'PNG' if i == 1 else 'png'}")
+    paths = [
+        f"{('n02', 'n01')[i % 2]}/{'deep/' if i >= 4 else ''}img{i}.{'PNG' if i == 1 else 'png'}"
+        for i in range(6)
+    ]
+    root = make_images(tmp_path / "train", [*paths, "loose.png"])  # loose.png: not in a class
     (root / "n01" / "notes.txt").write_text("not an image")
-    (root / "loose.png").write_bytes((src.root / src.paths[0]).read_bytes())  # not in a class
     return root
 
 

@@ -5,34 +5,21 @@ import threading
 import numpy as np
 import pytest
 import torch
+from factories import write_shards
 
 from saev.errors import UserError
-from saev.shards import Metadata, Shards, ShardWriter, iter_images
+from saev.shards import Shards, iter_images
 from saev.shards.shuffled import ShuffledLoader, split_images
 
 
 def make_shards(root, *, n_imgs=23, per_shard=5, layers=(1, 3), n_patches=4, d=6, dtype="float32"):
     """Tiny shards whose values encode (image, layer, token, dim), so every token is traceable."""
-    md = Metadata(
-        vit_family="timm",
-        vit_ckpt="tiny",
-        layers=list(layers),
-        n_blocks=4,
-        n_patches_per_img=n_patches,
-        cls_token=True,
-        d_vit=d,
-        n_imgs=n_imgs,
-        n_imgs_per_shard=per_shard,
-        dtype=dtype,
-        data={"kind": "test"},
-    )
     img = np.arange(n_imgs)[:, None, None, None]
     lay = np.arange(len(layers))[None, :, None, None]
     tok = np.arange(n_patches + 1)[None, None, :, None]
     dim = np.arange(d)[None, None, None, :]
     acts = (img * 1000 + lay * 100 + tok * 10 + dim / 10).astype(np.float32)
-    with ShardWriter(root, md) as w:
-        w.write(acts)
+    write_shards(root, acts, layers=list(layers), n_imgs_per_shard=per_shard, dtype=dtype)
     return Shards(root)
 
 

@@ -7,6 +7,7 @@ import pathlib
 import typing
 
 import pytest
+from factories import make_images
 
 from saev import migrate
 from saev.__main__ import COMMANDS, run
@@ -162,11 +163,7 @@ def test_values_and_forms(capsys):
 def test_translated_flags_run(tmp_path, capsys):
     """A 0.1 command line that only needs translating runs: the 0.1 dataset subcommand and
     flags become `images:imagenet --images.root`, `--vit-batch-size` becomes `--batch-size`."""
-    import PIL.Image
-
-    for cls in ("a", "b"):
-        (tmp_path / "imgs" / cls).mkdir(parents=True)
-        PIL.Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "imgs" / cls / "0.png")
+    make_images(tmp_path / "imgs", ["a/0.png", "b/0.png"], colours=[(9, 9, 9)] * 2, size=(20, 20))
     argv = ["--vit-family", "timm", "--vit-ckpt", "test_vit", "--random-weights", "--vit-layers"]
     argv += ["-1", "--n-workers", "0", "--device", "cpu", "--vit-batch-size", "2", "--dump-to"]
     argv += [str(tmp_path / "dump"), "data:image-folder-dataset", "--data.root"]

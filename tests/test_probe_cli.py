@@ -6,10 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from factories import write_shards
 
 import saev.nn
 from saev.__main__ import run
-from saev.shards import Metadata, ShardWriter, write_image_index
+from saev.shards import Metadata, write_image_index
 
 D_VIT, N_PATCHES, D_SAE = 16, 4, 24
 COLOURS = ("red", "green", "blue")
@@ -29,23 +30,21 @@ def make_shards(
     colour = rng.integers(0, 3, size=n)
     shape = rng.integers(0, 2, size=n)
     noise = rng.integers(0, 2, size=n)
-    md = Metadata(
+    acts = rng.normal(size=(n, 2, N_PATCHES + int(cls_token), D_VIT)).astype(np.float32)
+    acts[np.arange(n), :, :, colour] += 4.0
+    acts[:, :, :, 3] += np.where(shape == 1, 3.0, -3.0)[:, None, None]
+    md = write_shards(
+        root,
+        acts,
         vit_family="clip",
         vit_ckpt="test/tiny",
         layers=[2, 5],
         n_blocks=6,
-        n_patches_per_img=N_PATCHES,
         cls_token=cls_token,
-        d_vit=D_VIT,
-        n_imgs=n,
         n_imgs_per_shard=64,
+        data={},
         pretrained=False,
     )
-    acts = rng.normal(size=(n, 2, N_PATCHES + int(cls_token), D_VIT)).astype(np.float32)
-    acts[np.arange(n), :, :, colour] += 4.0
-    acts[:, :, :, 3] += np.where(shape == 1, 3.0, -3.0)[:, None, None]
-    with ShardWriter(root, md) as w:
-        w.write(acts)
     rows = [
         {
             "path": f"img{i}.png",

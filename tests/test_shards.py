@@ -3,6 +3,7 @@
 import json
 import time
 
+import factories
 import numpy as np
 import pytest
 import torch
@@ -21,19 +22,7 @@ from saev.shards import (
 
 
 def make_md(**kw) -> Metadata:
-    base = dict(
-        vit_family="timm",
-        vit_ckpt="tiny",
-        layers=[2, 3],
-        n_blocks=4,
-        n_patches_per_img=4,
-        cls_token=True,
-        d_vit=8,
-        n_imgs=10,
-        n_imgs_per_shard=4,
-        data={"kind": "demo", "root": "/imgs"},
-    )
-    return Metadata(**{**base, **kw})
+    return factories.metadata(**{"data": {"kind": "demo", "root": "/imgs"}, **kw})
 
 
 def acts_for(md: Metadata, seed: int = 0) -> np.ndarray:

@@ -8,42 +8,18 @@ import signal
 import numpy as np
 import pytest
 import torch
+from factories import tiny_shards, write_shards
 from safetensors.torch import load_file
 
 import saev.nn
 from saev.__main__ import run
 from saev.evaluate import Metrics
-from saev.shards import Metadata, Shards, ShardWriter, iter_images
+from saev.shards import Shards, iter_images
 from saev.shards.shuffled import split_images
 from saev.train.config import Config, DataConfig
 from saev.train.main import train
 
 D = 16
-
-
-def tiny_shards(root: pathlib.Path, *, d: int = D, n_imgs: int = 48, seed: int = 0) -> pathlib.Path:
-    """Activations that are sparse sums of a few directions plus noise (something to learn)."""
-    md = Metadata(
-        vit_family="timm",
-        vit_ckpt="tiny",
-        layers=[2, 3],
-        n_blocks=4,
-        n_patches_per_img=16,
-        cls_token=True,
-        d_vit=d,
-        n_imgs=n_imgs,
-        n_imgs_per_shard=20,
-        data={"kind": "test"},
-    )
-    rng = np.random.default_rng(seed)
-    atoms = rng.normal(size=(4 * d, d))
-    codes = rng.exponential(size=(n_imgs, 2, 17, 4 * d)) * (
-        rng.random((n_imgs, 2, 17, 4 * d)) < 0.05
-    )
-    acts = codes @ atoms + 0.05 * rng.normal(size=(n_imgs, 2, 17, d)) + 3.0
-    with ShardWriter(root, md) as w:
-        w.write(acts.astype(np.float32))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -501,20 +477,14 @@ def test_a_default_topk_run_recovers_a_planted_dictionary(tmp_path):
     coef = rng.exponential(size=(n, active)) + 0.1
     acts = np.einsum("na,nad->nd", coef, atoms[idx]) + 0.5 * rng.normal(size=d)
     acts += 0.02 * rng.normal(size=(n, d))
-    md = Metadata(
-        vit_family="timm",
+    write_shards(
+        tmp_path / "s",
+        acts.reshape(n_imgs, 1, tpi, d).astype(np.float32),
         vit_ckpt="planted",
-        layers=[0],
         n_blocks=1,
-        n_patches_per_img=tpi,
         cls_token=False,
-        d_vit=d,
-        n_imgs=n_imgs,
-        n_imgs_per_shard=n_imgs,
         data={"kind": "planted"},
     )
-    with ShardWriter(tmp_path / "s", md) as w:
-        w.write(acts.reshape(n_imgs, 1, tpi, d).astype(np.float32))
     cfg = sweep_cfg(
         tmp_path,
         tmp_path / "s",

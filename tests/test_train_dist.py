@@ -16,8 +16,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing
+from factories import tiny_shards
 from safetensors.torch import load_file
-from test_train import RESUME, SWEEP, sweep_cfg, tiny_shards
+from test_train import RESUME, SWEEP, sweep_cfg
 
 import saev.nn
 from saev.__main__ import run

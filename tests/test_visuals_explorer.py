@@ -13,12 +13,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from factories import make_images, write_shards
 from PIL import Image
 
 import saev.nn
 import saev.visuals.main as visuals
 from saev.__main__ import run
-from saev.shards import Metadata, ShardWriter
 
 N_IMGS, D_VIT, GRID, LAYERS, SIZE = 12, 6, (2, 2), [3, 5], (32, 32)
 N_PATCHES = GRID[0] * GRID[1]
@@ -57,31 +57,33 @@ def planted(tmp_path):
     """(shard_root, images_root, ckpt_dir) with the planted answer."""
     images = tmp_path / "imgs"
     images.mkdir()
-    rows = []
-    for i in range(N_IMGS):
-        rel = f"class{i % 2}/img{i}.png"
-        if i != MISSING:
-            (images / rel).parent.mkdir(exist_ok=True)
-            Image.new("RGB", (48, 40), (20 * i, 100, 255 - 20 * i)).save(images / rel)
-        rows.append({"path": rel, "gender": "FM"[i % 2], "race": ["A", "B", "C"][i % 3]})
-    md = Metadata(
+    paths = [f"class{i % 2}/img{i}.png" for i in range(N_IMGS)]
+    written = [i for i in range(N_IMGS) if i != MISSING]
+    make_images(
+        images,
+        [paths[i] for i in written],
+        colours=[(20 * i, 100, 255 - 20 * i) for i in written],
+        size=(48, 40),
+    )
+    rows = [
+        {"path": rel, "gender": "FM"[i % 2], "race": ["A", "B", "C"][i % 3]}
+        for i, rel in enumerate(paths)
+    ]
+    shard_root = tmp_path / "shards"
+    md = write_shards(
+        shard_root,
+        planted_acts(),
+        rows=rows,
         vit_family="clip",
         vit_ckpt="test/random",
         layers=LAYERS,
         n_blocks=12,
-        n_patches_per_img=N_PATCHES,
-        cls_token=True,
-        d_vit=D_VIT,
-        n_imgs=N_IMGS,
         n_imgs_per_shard=5,
         image_size=SIZE,
         patch_grid=GRID,
         data={"kind": "folder", "root": str(images)},
         pretrained=False,
     )
-    shard_root = tmp_path / "shards"
-    with ShardWriter(shard_root, md) as w:
-        w.write(planted_acts(), rows=rows)
     return shard_root, images, make_ckpt(tmp_path / "ckpt", shards=md.to_json())
 
 
