@@ -99,7 +99,7 @@ HPARAMS: dict[str, dict[str, typing.Any]] = {
     "topk": {**_COMMON, **_AUXK},
     "batchtopk": {**_COMMON, **_AUXK, "threshold_decay": 0.99},
     "jumprelu": {**_COMMON, **_JUMP},
-    "gated": {**_COMMON, "sparsity_coeff": 1.0},
+    "gated": {**_COMMON, "sparsity_coeff": 0.1},
     "matryoshka": {
         **_COMMON,
         **_AUXK,
@@ -108,7 +108,7 @@ HPARAMS: dict[str, dict[str, typing.Any]] = {
         "prefix_fracs": [0.0625, 0.125, 0.25, 0.5, 1.0],
     },
     "vsae-topk": {**_COMMON, "k": 32, **_VAR},
-    "vsae-gated": {**_COMMON, "sparsity_coeff": 1.0, **_VAR},
+    "vsae-gated": {**_COMMON, "sparsity_coeff": 0.1, **_VAR},
     "vsae-jumprelu": {**_COMMON, **_JUMP, **_VAR},
     "vsae-iso": {**_COMMON, "sparsity_coeff": _VL1, **_VAR},
     "vsae-mixture": {
