@@ -66,8 +66,8 @@ def open_pass(p: sweep.Pass) -> PassData:
 
 
 def peak_lr(m: sweep.Member, d_sae: int) -> float:
-    """The member's peak learning rate: `lr` as given, or the width-scaled default."""
-    return m.cfg.lr if m.cfg.lr is not None else default_lr(d_sae)
+    """The member's peak learning rate: `lr` as given, or the width-scaled family default."""
+    return m.cfg.lr if m.cfg.lr is not None else default_lr(d_sae, family=m.cfg.sae.family)
 
 
 def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.Path) -> dict:

@@ -20,15 +20,23 @@ DEFAULT_LR_BASE = 1e-3
 """Peak Adam learning rate of an SAE with 2^14 latents; see `default_lr`."""
 
 
-def default_lr(d_sae: int, base: float = DEFAULT_LR_BASE) -> float:
-    """`base / sqrt(d_sae / 2^14)`: the width scaling of Gao et al. (2024) and dictionary_learning.
+FAMILY_LR_FACTOR = {"relu": 2.0}
+"""Families whose measured best default lr is a multiple of the top-k one. relu + L1 at 2x:
+on random-ViT activations (d 384, 8x, 400k tokens) lambda 0.1 gave L0 67 at FVU 0.136 against
+L0 129 at 0.135 with 1x (a much better front), and on a planted dictionary the front was equal
+or better (docs/train.md, "Choosing hyperparameters")."""
+
+
+def default_lr(d_sae: int, base: float = DEFAULT_LR_BASE, family: str = "topk") -> float:
+    """`base / sqrt(d_sae / 2^14)`: the width scaling of Gao et al. (2024) and dictionary_learning,
+    times the family's `FAMILY_LR_FACTOR` (1 unless measured otherwise).
 
     Wider SAEs share the same gradient signal among more latents, each updated less often, and
     want a smaller step; halving the learning rate per 4x width is the empirical rule both use.
     The base is higher than their 2e-4 because saev scales inputs to E||x|| = sqrt(d_vit)
     (coordinates of order 1) where they train on raw activations.
     """
-    return base / math.sqrt(d_sae / 2**14)
+    return FAMILY_LR_FACTOR.get(family, 1.0) * base / math.sqrt(d_sae / 2**14)
 
 
 def lr_at(
