@@ -236,6 +236,30 @@ def test_fused_and_plain_adam_updates_agree(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_a_torch_whose_fused_adam_differs_falls_back_to_the_plain_update(monkeypatch):
+    """`torch._fused_adam_` is private; if its signature changes, training goes on, exactly."""
+    from saev.nn import optim
+
+    def refuse(*args, **kwargs):
+        raise TypeError("_fused_adam_() got an unexpected keyword argument")
+
+    monkeypatch.setattr(optim, "_FUSED_UNAVAILABLE", set())  # the fallback marks torch here
+    results = []
+    for broken in (False, True):
+        if broken:
+            monkeypatch.setattr(torch, "_fused_adam_", refuse)
+        stack = saev.nn.make_stack("relu", d_vit=D, d_sae=F, members=[{"seed": 1}]).double()
+        opt = saev.nn.StackAdam(stack, lr=1e-2)
+        for i in range(2):
+            opt.zero_grad()
+            stack(data(16, seed=i).double()).losses["total"].sum().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in stack.parameters()])
+    assert {torch.__version__} == optim._FUSED_UNAVAILABLE
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_nan_member_freezes_others_continue():
     members = [{"k": 3, "seed": 1}, {"k": 3, "seed": 2}]
     stack = saev.nn.make_stack("topk", d_vit=D, d_sae=F, members=members)

@@ -13,10 +13,17 @@ from torch import Tensor
 
 from saev.nn.stack import Stack
 
+_FUSED_UNAVAILABLE: set[str] = set()
+"""torch versions whose `_fused_adam_` refused our call (checked once, then not tried again)."""
+
 
 def _fused_adam_runs_on(p: Tensor) -> bool:
     """torch's fused Adam kernel exists for CPU and CUDA float tensors (torch >= 2.4)."""
-    return hasattr(torch, "_fused_adam_") and p.device.type in ("cpu", "cuda")
+    return (
+        hasattr(torch, "_fused_adam_")
+        and torch.__version__ not in _FUSED_UNAVAILABLE
+        and p.device.type in ("cpu", "cuda")
+    )
 
 
 def _per_member(value, S: int, device) -> Tensor:
@@ -77,7 +84,13 @@ class StackAdam:
         )
         self.steps += active.long()
         if _fused_adam_runs_on(self.params[0]):
-            self._fused_step(grads, clip, active)
+            try:
+                self._fused_step(grads, clip, active)
+            except TypeError:
+                # torch._fused_adam_ is private: a torch whose signature differs refuses the
+                # call before touching any tensor, so the plain update is still exact.
+                _FUSED_UNAVAILABLE.add(torch.__version__)
+                self._step(grads, clip, active)
         else:
             self._step(grads, clip, active)
         stack.normalize_decoder()
