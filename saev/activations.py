@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from saev import vits
 from saev.errors import UserError
-from saev.helpers import resolve_device, short_hash
+from saev.helpers import resolve_device, short_hash, slurm_executor
 from saev.images import Demo, ImageDataset, ImageList, Images
 from saev.shards import dataset
 from saev.shards.metadata import Metadata
@@ -279,21 +279,15 @@ def shard_aligned_batches(
 
 def submit(cfg: Config, executor=None) -> list:
     """Submit one Slurm job per --n-jobs part through submitit; returns the jobs."""
-    import submitit
-
     if executor is None:
-        executor = submitit.AutoExecutor(folder=cfg.log_to)
-        if executor.cluster != "slurm":
-            raise UserError(
-                "--slurm: no Slurm cluster found (sbatch is not on PATH); drop --slurm to run here."
-            )
-        executor.update_parameters(
+        executor = slurm_executor(
+            cfg.log_to,
+            "saev-activations",
             timeout_min=cfg.slurm_time_min,
             gpus_per_node=cfg.slurm_gpus,
             cpus_per_task=cfg.slurm_cpus,
             slurm_account=cfg.slurm_account or None,
             slurm_partition=cfg.slurm_partition or None,
-            name="saev-activations",
         )
     parts = [dataclasses.replace(cfg, slurm=False, job_index=i) for i in range(cfg.n_jobs)]
     jobs = executor.map_array(main, parts)

@@ -84,3 +84,22 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device!r} asked for a GPU but torch sees no CUDA device.")
     return dev
+
+
+def slurm_executor(log_to: str | os.PathLike, name: str, **resources: typing.Any):
+    """submitit's executor for a Slurm job named `name`, with its logs under `log_to` and the
+    given `update_parameters` resources; a UserError where no Slurm cluster is found.
+
+    `activations --slurm` and `train --slurm` both submit through this one place. submitit is
+    imported here, not at the top: only a Slurm user needs it.
+    """
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=log_to)
+    if executor.cluster != "slurm":
+        # submitit looks for `srun` to decide that it runs on a Slurm cluster.
+        raise UserError(
+            "--slurm: no Slurm cluster found (srun is not on PATH); drop --slurm to run here."
+        )
+    executor.update_parameters(name=name, **resources)
+    return executor

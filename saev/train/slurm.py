@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 import typing
 
+from saev import helpers
 from saev.errors import UserError
 from saev.train.config import Config
 
@@ -80,16 +81,10 @@ def check(cfg: Config) -> None:
 
 def make_executor(cfg: Config):
     """submitit's Slurm executor with the job's resources (UserError without Slurm)."""
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=cfg.log_to)
-    if executor.cluster != "slurm":
-        raise UserError(
-            "--slurm: no Slurm cluster found (srun is not on PATH); drop --slurm to run here."
-        )
     per_node = max(cfg.slurm_gpus, 1)
-    executor.update_parameters(
-        name="saev-train",
+    return helpers.slurm_executor(
+        cfg.log_to,
+        "saev-train",
         nodes=cfg.slurm_nodes,
         tasks_per_node=per_node,
         gpus_per_node=cfg.slurm_gpus,
@@ -98,7 +93,6 @@ def make_executor(cfg: Config):
         slurm_account=cfg.slurm_account or None,
         slurm_partition=cfg.slurm_partition or None,
     )
-    return executor
 
 
 def submit(cfg: Config, run_dir: pathlib.Path, train: typing.Callable, executor=None):
