@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from saev.nn import sparse
-from saev.nn.stack import Codes, Stack
+from saev.nn.stack import Codes, Stack, member_variances
 
 
 def l1_coeff(stack: Stack, warm: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ class TopKStack(Stack):
         with torch.no_grad():
             pre = self.pre_acts(xs)
             ks = self.hp_ints("k")
-            layout = sparse.topk_layout(pre.topk(max(ks), dim=-1).indices, ks, self.d_sae)
+            layout = sparse.topk_layout(sparse.top_sets(pre, ks)[1], ks, self.d_sae)
         vals = torch.relu(self._select(pre, xs, layout))
         return Codes(S, B, self.d_sae, layout=layout, vals=vals), pre
 
@@ -88,7 +88,7 @@ class TopKStack(Stack):
         with torch.no_grad():
             ks = [min(k, self.d_sae) for k in self.hp_ints("k_aux")]
             masked = pre.masked_fill(~dead[:, None, :], -math.inf)
-            layout = sparse.topk_layout(masked.topk(max(ks), dim=-1).indices, ks, self.d_sae)
+            layout = sparse.topk_layout(sparse.top_sets(masked, ks)[1], ks, self.d_sae)
             # A member with fewer dead latents than k_aux also selected live ones: drop them.
             valid = dead.reshape(-1)[layout.cols]
         vals = torch.relu(self._select(pre, xs, layout)) * valid
@@ -97,10 +97,11 @@ class TopKStack(Stack):
         err = (resid - resid_hat).pow(2).sum(-1).mean(-1)
         # Gao et al. weigh two normalised MSEs, the main one by Var(x) and the aux one by Var(e);
         # next to our unnormalised main loss that is alpha * Var(x)/Var(e) * ||e - e_hat||^2.
+        # Member by member (stack.member_sums): this weight steers training.
         with torch.no_grad():
-            var_x = (xs - xs.mean(1, keepdim=True)).pow(2).sum((-1, -2))
-            var_e = (resid - resid.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
-        return torch.where(has_dead, self.hp("aux_coeff") * var_x / var_e * err, 0.0)
+            var_x, var_e = member_variances(xs), member_variances(resid)
+            weight = (var_x / var_e.clamp_min(1e-12)).to(err.dtype)
+        return torch.where(has_dead, self.hp("aux_coeff") * weight * err, 0.0)
 
 
 class BatchTopKStack(TopKStack):
@@ -122,10 +123,10 @@ class BatchTopKStack(TopKStack):
         with torch.no_grad():
             pre = self.pre_acts(xs)
             kBs = [k * B for k in self.hp_ints("k")]
-            top = pre.reshape(S, -1).topk(max(kBs), dim=-1)
-            self._update_threshold([top.values[s, :kB] for s, kB in enumerate(kBs)])
+            top_vals, top_idx = sparse.top_sets(pre.reshape(S, -1), kBs)
+            self._update_threshold([top_vals[s, :kB] for s, kB in enumerate(kBs)])
             layout = sparse.positions_layout(
-                [top.indices[s, :kB] for s, kB in enumerate(kBs)], B, self.d_sae
+                [top_idx[s, :kB] for s, kB in enumerate(kBs)], B, self.d_sae
             )
         vals = torch.relu(self._select(pre, xs, layout))
         return Codes(S, B, self.d_sae, layout=layout, vals=vals), pre

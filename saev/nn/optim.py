@@ -66,9 +66,11 @@ class StackAdam:
         stack, S = self.stack, self.stack.S
         stack.project_decoder_grad()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        # Member by member (as stack.member_sums): a norm over a whole [S, ...] tensor would
+        # round by the stack's size, and a member's clipping must not depend on its stack.
         sq = torch.zeros(S, device=self.lr.device)
         for g in grads:
-            sq += torch.linalg.vector_norm(g, dim=tuple(range(1, g.ndim))).float() ** 2
+            sq += torch.stack([torch.linalg.vector_norm(m) for m in g.unbind(0)]).float() ** 2
         bad = ~torch.isfinite(sq)
         if loss is not None:
             bad |= ~torch.isfinite(loss.detach().to(bad.device))

@@ -23,6 +23,7 @@ benchmarks/sae_step.py measures the step against the encoder matmul it must keep
 """
 
 import dataclasses
+import math
 import typing
 import warnings
 
@@ -113,6 +114,39 @@ class Layout:
                 check_invariants=False,
             )
             return torch.sparse.sampled_addmm(mask, A, Bt.t(), beta=0.0).values()
+
+
+def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The largest entries of every row of `values` ([S, ..., N]), for member s the first ks[s]
+    of its rows: (values, indices), each [S, ..., max(ks)], descending.
+
+    Which of several equal values torch.topk keeps depends on how many it was asked for, so a
+    member selecting its prefix of the stack's top max(k) could keep another latent than the
+    same member selecting its own top k alone (a tie at its boundary: it happens, float32 pre-
+    activations collide every few thousand tokens). Here a tie at a member's boundary keeps the
+    lowest indices of the tied value, whatever the stack: a member trained in a sweep follows
+    the trajectory it follows alone. Ties are rare, so they are repaired row by row.
+    """
+    kmax, n = max(ks), values.shape[-1]
+    # One extra entry shows whether the value at a boundary continues past it.
+    top = values.topk(min(kmax + 1, n), dim=-1)
+    vals, idx = top.values, top.indices
+    for s, k in enumerate(ks):
+        if k >= n:
+            continue
+        edge = vals[s, ..., k - 1]
+        # -inf ties are masked-out entries (AuxK, dead latents only): never kept, any order.
+        tied = (edge == vals[s, ..., k]) & (edge > -math.inf)
+        for row in tied.nonzero().tolist():
+            row_vals = values[(s, *row)]
+            v = edge[tuple(row)]
+            above = (row_vals > v).nonzero().flatten()
+            equal = (row_vals == v).nonzero().flatten()[: k - above.numel()]
+            picked = torch.cat([above, equal])
+            order = row_vals[picked].argsort(descending=True, stable=True)
+            idx[(s, *row)][:k] = picked[order]
+            vals[(s, *row)][:k] = row_vals[picked[order]]
+    return vals[..., :kmax], idx[..., :kmax]
 
 
 def topk_layout(idx: Tensor, ks: typing.Sequence[int], F_: int) -> Layout:

@@ -33,6 +33,24 @@ _GAIN_TOKENS = 16384
 _GAIN_CHUNK = 2048
 
 
+def member_sums(t: Tensor) -> Tensor:
+    """[S] float64: the sum of each member's slice `t[s]`, one member at a time.
+
+    A float32 reduction over a whole [S, ...] tensor splits its work by the tensor's shape, so
+    member s's sum would round differently in stacks of different sizes; reduced alone, its
+    slice gives bit for bit the number it gives in a stack of one. Anything that steers
+    training (encoder gain, AuxK weight, gradient norm) uses this, so that a member trained in
+    a sweep follows the trajectory it follows alone (benchmarks/sweep.py checks the FVU).
+    """
+    return torch.stack([t[s].sum(dtype=torch.float64) for s in range(t.shape[0])])
+
+
+def member_variances(t: Tensor) -> Tensor:
+    """[S] float64: each member's total variance over tokens, sum of (t[s] - mean over tokens)²,
+    one member at a time (see `member_sums`). t: [S, B, d]."""
+    return torch.stack([(m - m.mean(0)).pow(2).sum(dtype=torch.float64) for m in t.unbind(0)])
+
+
 @dataclasses.dataclass
 class Codes:
     """One batch's codes: dense `f` [S, B, F], or sparse `vals` [nnz] at the positions of a
@@ -174,7 +192,7 @@ class Stack(nn.Module, abc.ABC):
             raise UserError(
                 f"init sample must be [N, {self.d_vit}] or [{self.S}, N, {self.d_vit}]; got {list(x.shape)}."
             )
-        mean_norm = x.norm(dim=-1).mean(-1).clamp_min(1e-12)
+        mean_norm = (member_sums(x.norm(dim=-1)) / x.shape[1]).float().clamp_min(1e-12)
         self.scale.copy_(math.sqrt(self.d_vit) / mean_norm)
         xs = x * self.scale[:, None, None]
         self.b_dec.copy_(sparse.geometric_median(xs).to(self.b_dec.dtype))
@@ -202,8 +220,8 @@ class Stack(nn.Module, abc.ABC):
             chunk = xs[:, lo : lo + _GAIN_CHUNK]
             codes, _, _ = self._encode(chunk, not self.samples, warm)
             r = self.decode_codes(codes) - self.b_dec[:, None, :]
-            num += (r * (chunk - self.b_dec[:, None, :])).sum((1, 2)).double()
-            den += r.pow(2).sum((1, 2)).double()
+            num += member_sums(r * (chunk - self.b_dec[:, None, :]))
+            den += member_sums(r.pow(2))
         gain = torch.where((num > 0) & (den > 0), num / den.clamp_min(1e-30), 1.0)
         self.W_enc.mul_(gain.to(self.W_enc.dtype)[:, None, None])
         for name, buf in self.named_buffers():

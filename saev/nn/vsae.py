@@ -76,7 +76,7 @@ class VTopKStack(VariationalStack):
         z, kl = self._variational(xs, self.pre_acts(xs), train, warm)
         ks = self.hp_ints("k")
         with torch.no_grad():
-            layout = sparse.topk_layout(z.topk(max(ks), dim=-1).indices, ks, self.d_sae)
+            layout = sparse.topk_layout(sparse.top_sets(z, ks)[1], ks, self.d_sae)
         vals = torch.relu(z.reshape(-1)[layout.flat])
         return Codes(S, B, self.d_sae, layout=layout, vals=vals), {"kl": kl}, None
 
