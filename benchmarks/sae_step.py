@@ -1,4 +1,5 @@
-"""Training-step time of TopK SAEs: a loop over S separate SAEs vs one stack, dense vs sparse decode.
+"""Training-step time of TopK SAEs: a loop over S separate SAEs vs one stack, dense vs sparse decode;
+and of a ReLU SAE with dense products vs its sparse path, by L0.
 
 For each width and S it times one full step (forward, backward, StackAdam step) of
   (a) loop:   S separate single-SAE stacks, each run on the batch in a Python loop (dense top-k
@@ -104,6 +105,22 @@ def bench_matmul_ratio(
     return t_mm, t_step, t_bf16
 
 
+def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.device):
+    """Seconds per relu step (one SAE) with dense products and with the sparse path, the bias
+    set so that `l0` latents per token are active; and the L0 reached."""
+    times, got = [], 0.0
+    for sparse_below in (-1.0, 1.0):  # never sparse; always sparse
+        one = saev.nn.make_stack("relu", d_vit=args.d, d_sae=d_sae, members=[{}], device=device)
+        one.sparse_below = sparse_below
+        with torch.no_grad():
+            pre = one.pre_acts(one.scaled(x[:512]))
+            one.b_enc.fill_(-float(torch.quantile(pre.flatten().float(), 1 - l0 / d_sae)))
+            got = float((one.pre_acts(one.scaled(x)) > 0).sum(-1).float().mean())
+        opt = saev.nn.StackAdam(one, lr=1e-8)  # tiny steps: the L0 stays where it was set
+        times.append(timed(lambda one=one, opt=opt: sparse_step(one, opt, x), args.iters, device))
+    return times[0], times[1], got
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +135,13 @@ def main() -> None:
     parser.add_argument("--S", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--relu-l0",
+        type=float,
+        nargs="*",
+        default=[16, 64, 256, 512, 1024],
+        help="L0s at which to time a relu step with dense products vs the sparse path",
+    )
     args = parser.parse_args()
     if args.quick:
         args.d, args.widths, args.batch, args.S, args.k, args.iters = 128, [8], 1024, [1, 4], 16, 3
@@ -144,10 +168,17 @@ def main() -> None:
             f" ratio {t_step / t_mm:.2f}; bfloat16 step {t_bf16 * 1e3:.1f} ms,"
             f" bf16/fp32 {t_bf16 / t_step:.2f}"
         )
+        for l0 in args.relu_l0:
+            t_dense, t_sparse, got = bench_relu(args, width * args.d, l0, x, device)
+            print(
+                f"  width {width}x relu at L0 {got:6.0f} ({got / (width * args.d):6.1%} active):"
+                f" dense {t_dense * 1e3:7.1f} ms, sparse {t_sparse * 1e3:7.1f} ms,"
+                f" dense/sparse {t_dense / t_sparse:5.2f}"
+            )
     print(
         "stack/loop, sparse/loop: > 1 means faster than the loop. ratio: topk step / float32"
         " encoder matmul (target <= 1.3). bf16/fp32: the step with --dtype bfloat16 over float32"
-        " (target <= 0.9)."
+        " (target <= 0.9). relu dense/sparse: > 1 where the sparse path pays (ReLUStack.sparse_below)."
     )
 
 

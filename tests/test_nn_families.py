@@ -56,6 +56,51 @@ def test_relu_forward_and_l1():
     torch.testing.assert_close(out.losses["total"], out.losses["recon"] + out.losses["sparsity"])
 
 
+def test_relu_sparse_step_equals_the_dense_one(monkeypatch):
+    """Once every member's codes are sparse enough, a relu training step takes the sparse path;
+    its codes, losses and every gradient equal the dense step's."""
+    from saev.nn import families
+
+    results = {}
+    for path, below in [("dense", -1.0), ("sparse", 1.0)]:
+        monkeypatch.setattr(families.ReLUStack, "sparse_below", below)
+        stack, x = make("relu", [{"sparsity_coeff": 0.5}, {"sparsity_coeff": 2.0}])
+        with torch.no_grad():
+            stack.b_enc.sub_(1.5)  # some tokens and latents inactive, one member sparser
+        x.requires_grad_(True)
+        out = stack(x, warmup=0.5)
+        assert (out.codes.layout is not None) == (path == "sparse")
+        out.losses["total"].sum().backward()
+        grads = {n: p.grad.clone() for n, p in stack.named_parameters()}
+        results[path] = (out.f.detach(), out.losses, grads, x.grad.clone(), out.l0)
+    (f_d, loss_d, g_d, gx_d, l0_d), (f_s, loss_s, g_s, gx_s, l0_s) = results.values()
+    assert 0 < (f_d > 0).sum() < f_d.numel() / 2
+    torch.testing.assert_close(f_s, f_d)
+    for key in loss_d:
+        torch.testing.assert_close(loss_s[key], loss_d[key], msg=key)
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], msg=name)
+    torch.testing.assert_close(gx_s, gx_d)
+    torch.testing.assert_close(l0_s, l0_d)
+
+
+def test_relu_step_is_dense_while_codes_are_dense_on_average():
+    stack, x = make("relu", [{}, {}])
+    with torch.no_grad():
+        stack.b_enc[0] = -100.0  # member 0 silent; member 1 mostly active: dense on average
+        stack.b_enc[1] = 100.0
+    assert stack(x).codes.dense is not None
+    with torch.no_grad():
+        stack.b_enc[1] = -100.0
+    out = stack(x)
+    assert out.codes.layout is not None and out.codes.vals.numel() == 0
+    assert out.l0.tolist() == [0.0, 0.0]
+    out.losses["total"].sum().backward()  # no active pair: only b_dec learns
+    assert stack.W_enc.grad.abs().sum() == 0 and stack.b_dec.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert stack(x).codes.dense is not None  # no gradient wanted: plain dense inference
+
+
 def test_topk_per_member_k():
     stack, x = make("topk", [{"k": 2}, {"k": 4}])
     out = stack(x)

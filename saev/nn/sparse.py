@@ -163,12 +163,17 @@ def topk_layout(idx: Tensor, ks: typing.Sequence[int], F_: int) -> Layout:
     return Layout(torch.cat(rows), torch.cat(cols), crow, S, B, F_)
 
 
-def positions_layout(pos: typing.Sequence[Tensor], B: int, F_: int) -> Layout:
+def positions_layout(
+    pos: typing.Sequence[Tensor], B: int, F_: int, *, presorted: bool = False
+) -> Layout:
     """Layout from each member's flat positions `b * F + f` into its [B, F] code matrix, any
-    number per token (BatchTopK); positions are sorted here."""
+    number per token (BatchTopK, ReLU); positions are sorted here unless `presorted` (as
+    torch.nonzero returns them)."""
     S = len(pos)
     device = pos[0].device
-    flat = torch.cat([p.sort().values + s * B * F_ for s, p in enumerate(pos)])
+    flat = torch.cat(
+        [(p if presorted else p.sort().values) + s * B * F_ for s, p in enumerate(pos)]
+    )
     rows = torch.div(flat, F_, rounding_mode="floor")
     cols = flat % F_ + torch.div(rows, B, rounding_mode="floor") * F_
     crow = torch.searchsorted(rows, torch.arange(S * B + 1, device=device))
