@@ -55,22 +55,26 @@ class ReLUStack(Stack):
     def _encode(self, xs, train, warm):
         S, B = xs.shape[:2]
         lam = l1_coeff(self, warm)
-        if torch.is_grad_enabled() and self.W_enc.requires_grad:
+        pre = self.pre_acts(xs)
+        if torch.is_grad_enabled() and self.W_enc.requires_grad and self._sparse_now(pre):
             with torch.no_grad():
-                pre = self.pre_acts(xs)
-                pos = [p.reshape(-1).nonzero().squeeze(1) for p in (pre > 0).unbind(0)]
-            if sum(p.numel() for p in pos) <= self.sparse_below * S * B * self.d_sae:
-                layout = sparse.positions_layout(pos, B, self.d_sae, presorted=True)
-                vals = sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, layout)
-                member = torch.div(layout.rows, B, rounding_mode="floor")
-                l1 = vals.new_zeros(S).index_add(0, member, vals) / B
-                return (
-                    Codes(S, B, self.d_sae, layout=layout, vals=vals),
-                    {"sparsity": lam * l1},
-                    None,
-                )
-        f = torch.relu(self.pre_acts(xs))
+                pre = pre.detach()  # the sparse backward replaces the dense one
+                active = (pre > 0).reshape(-1).nonzero().squeeze(1)
+                layout = sparse.flat_layout(active, S, B, self.d_sae)
+            vals = sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, layout)
+            member = torch.div(layout.rows, B, rounding_mode="floor")
+            l1 = vals.new_zeros(S).index_add(0, member, vals) / B
+            return Codes(S, B, self.d_sae, layout=layout, vals=vals), {"sparsity": lam * l1}, None
+        f = torch.relu(pre)
         return Codes(S, B, self.d_sae, dense=f), {"sparsity": lam * f.sum(-1).mean(-1)}, None
+
+    @torch.no_grad()
+    def _sparse_now(self, pre: Tensor) -> bool:
+        """Whether this batch's codes are sparse enough for the sparse path, judged on its first
+        256 tokens: cheap, and a function of the batch alone, so a resumed run decides as the
+        uninterrupted one did."""
+        probe = pre[:, :256] > 0
+        return bool(probe.sum() <= self.sparse_below * probe.numel())
 
 
 class TopKStack(Stack):

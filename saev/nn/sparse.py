@@ -46,11 +46,14 @@ class Layout:
     B: int
     F: int
     _by_col: tuple[Tensor, Tensor, Tensor] | None = dataclasses.field(default=None, repr=False)
+    _flat: Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def flat(self) -> Tensor:
         """[nnz] index of every entry into a flattened [S, B, F] tensor."""
-        return self.rows * self.F + self.cols % self.F
+        if self._flat is None:
+            self._flat = self.rows * self.F + self.cols % self.F
+        return self._flat
 
     @property
     def latents(self) -> Tensor:
@@ -163,21 +166,20 @@ def topk_layout(idx: Tensor, ks: typing.Sequence[int], F_: int) -> Layout:
     return Layout(torch.cat(rows), torch.cat(cols), crow, S, B, F_)
 
 
-def positions_layout(
-    pos: typing.Sequence[Tensor], B: int, F_: int, *, presorted: bool = False
-) -> Layout:
+def positions_layout(pos: typing.Sequence[Tensor], B: int, F_: int) -> Layout:
     """Layout from each member's flat positions `b * F + f` into its [B, F] code matrix, any
-    number per token (BatchTopK, ReLU); positions are sorted here unless `presorted` (as
-    torch.nonzero returns them)."""
-    S = len(pos)
-    device = pos[0].device
-    flat = torch.cat(
-        [(p if presorted else p.sort().values) + s * B * F_ for s, p in enumerate(pos)]
-    )
+    number per token (BatchTopK); positions are sorted here."""
+    flat = torch.cat([p.sort().values + s * B * F_ for s, p in enumerate(pos)])
+    return flat_layout(flat, len(pos), B, F_)
+
+
+def flat_layout(flat: Tensor, S: int, B: int, F_: int) -> Layout:
+    """Layout from ascending positions into a flattened [S, B, F] code tensor (as
+    `mask.reshape(-1).nonzero()` returns them for a whole stack's mask: ReLU)."""
     rows = torch.div(flat, F_, rounding_mode="floor")
-    cols = flat % F_ + torch.div(rows, B, rounding_mode="floor") * F_
-    crow = torch.searchsorted(rows, torch.arange(S * B + 1, device=device))
-    return Layout(rows, cols, crow, S, B, F_)
+    cols = flat - rows * F_ + torch.div(rows, B, rounding_mode="floor") * F_
+    crow = torch.searchsorted(rows, torch.arange(S * B + 1, device=flat.device))
+    return Layout(rows, cols, crow, S, B, F_, _flat=flat)
 
 
 def _rows_of(W: Tensor) -> Tensor:
