@@ -73,7 +73,9 @@ class Codes:
     def fired(self) -> Tensor:
         """[S, F] bool: latents nonzero on at least one token of the batch."""
         if self.dense is not None:
-            return (self.dense != 0).any(1)
+            # Codes are never negative (every family ends in a ReLU or a positive threshold),
+            # and a max is several times cheaper than a boolean any over [S, B, F].
+            return self.dense.amax(1) > 0
         counts = torch.zeros(self.S * self.d_sae, device=self.vals.device)
         nonzero = (self.vals.detach() != 0).to(counts.dtype)
         return counts.index_add_(0, self.layout.cols, nonzero).view(self.S, self.d_sae) > 0
@@ -82,7 +84,8 @@ class Codes:
     def l0(self) -> Tensor:
         """[S] mean number of nonzero latents per token."""
         if self.dense is not None:
-            return (self.dense != 0).sum(-1).float().mean(-1)
+            # Codes are never negative (see `fired`): sign() is the 0/1 indicator, summed in float.
+            return self.dense.sign().sum(-1).mean(-1).float()
         # Nonzeros per member: differences of a running count at the members' boundaries.
         nonzero = (self.vals != 0).long()
         running = torch.cat([nonzero.new_zeros(1), nonzero.cumsum(0)])
@@ -186,7 +189,8 @@ class Stack(nn.Module, abc.ABC):
 
     def _init_from_data(self, x: Tensor) -> None:
         x = x.to(self.W_dec.device, torch.float32)
-        if x.ndim == 2:
+        shared = x.ndim == 2
+        if shared:
             x = x[None].expand(self.S, *x.shape)
         if x.ndim != 3 or x.shape[0] != self.S or x.shape[-1] != self.d_vit:
             raise UserError(
@@ -195,7 +199,12 @@ class Stack(nn.Module, abc.ABC):
         mean_norm = (member_sums(x.norm(dim=-1)) / x.shape[1]).float().clamp_min(1e-12)
         self.scale.copy_(math.sqrt(self.d_vit) / mean_norm)
         xs = x * self.scale[:, None, None]
-        self.b_dec.copy_(sparse.geometric_median(xs).to(self.b_dec.dtype))
+        if shared:
+            # One sample, so one scale and one median for every member: the median (the
+            # costliest part of init, 50 float64 passes) is computed once and broadcast.
+            self.b_dec.copy_(sparse.geometric_median(xs[0]).to(self.b_dec.dtype).expand(self.S, -1))
+        else:
+            self.b_dec.copy_(sparse.geometric_median(xs).to(self.b_dec.dtype))
         self._fit_encoder_gain(xs[:, :_GAIN_TOKENS].to(self.W_dec.dtype))
 
     @torch.no_grad()
