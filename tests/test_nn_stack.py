@@ -1,5 +1,7 @@
 """Stacks: members independent, sparse paths equal dense ones, the optimiser, ground truth."""
 
+import math
+
 import pytest
 import torch
 
@@ -407,3 +409,21 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
             alone.state_dict().items(), together.state_dict().items(), strict=True
         ):
             assert torch.equal(a[0], t[i]), f"{family} member {i} {name}"
+
+
+def test_top_sets_with_many_ties_match_a_brute_force_choice():
+    """bfloat16 pre-activations tie often: every member's set is its k largest, ties broken by
+    the lowest index, as sorting by (value descending, index ascending) picks them."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (3, 50, 12), generator=g).float()
+    values[1, :5] = -math.inf  # AuxK's masked rows
+    ks = [2, 7, 5]
+    vals, idx = sparse.top_sets(values, ks)
+    for s, k in enumerate(ks):
+        for b in range(values.shape[1]):
+            row = values[s, b].tolist()
+            want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+            if row[want[-1]] == -math.inf:
+                continue  # masked entries: any of them
+            assert sorted(idx[s, b, :k].tolist()) == sorted(want), (s, b)
+            assert vals[s, b, :k].tolist() == sorted((row[i] for i in want), reverse=True)

@@ -128,7 +128,7 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
     same member selecting its own top k alone (a tie at its boundary: it happens, float32 pre-
     activations collide every few thousand tokens). Here a tie at a member's boundary keeps the
     lowest indices of the tied value, whatever the stack: a member trained in a sweep follows
-    the trajectory it follows alone. Ties are rare, so they are repaired row by row.
+    the trajectory it follows alone.
     """
     kmax, n = max(ks), values.shape[-1]
     # One extra entry shows whether the value at a boundary continues past it.
@@ -140,15 +140,21 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
         edge = vals[s, ..., k - 1]
         # -inf ties are masked-out entries (AuxK, dead latents only): never kept, any order.
         tied = (edge == vals[s, ..., k]) & (edge > -math.inf)
-        for row in tied.nonzero().tolist():
-            row_vals = values[(s, *row)]
-            v = edge[tuple(row)]
-            above = (row_vals > v).nonzero().flatten()
-            equal = (row_vals == v).nonzero().flatten()[: k - above.numel()]
-            picked = torch.cat([above, equal])
-            order = row_vals[picked].argsort(descending=True, stable=True)
-            idx[(s, *row)][:k] = picked[order]
-            vals[(s, *row)][:k] = row_vals[picked[order]]
+        if not bool(tied.any()):
+            continue
+        # The tied rows at once (bfloat16 codes tie often): keep every entry above the edge
+        # value, then the lowest-index entries equal to it until the row holds k.
+        v = edge[tied][:, None]
+        rows = values[s][tied]  # [R, N]
+        above = rows > v
+        equal = rows == v
+        need = k - above.sum(-1, keepdim=True)
+        keep = above | (equal & (equal.cumsum(-1) <= need))
+        picked = keep.nonzero()[:, 1].view(-1, k)  # [R, k], every row keeps exactly k
+        picked_vals = rows.gather(-1, picked)
+        order = picked_vals.argsort(dim=-1, descending=True, stable=True)
+        idx[s][tied] = torch.cat([picked.gather(-1, order), idx[s][tied][:, k:]], -1)
+        vals[s][tied] = torch.cat([picked_vals.gather(-1, order), vals[s][tied][:, k:]], -1)
     return vals[..., :kmax], idx[..., :kmax]
 
 
