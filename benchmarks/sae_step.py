@@ -109,7 +109,7 @@ def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.devic
     """Seconds per relu step (one SAE) with dense products and with the sparse path, the bias
     set so that `l0` latents per token are active; and the L0 reached."""
     times, got = [], 0.0
-    for sparse_below in (-1.0, 1.0):  # never sparse; always sparse
+    for sparse_below in (-1.0, float("inf")):  # never sparse; always sparse
         one = saev.nn.make_stack("relu", d_vit=args.d, d_sae=d_sae, members=[{}], device=device)
         one.sparse_below = sparse_below
         with torch.no_grad():

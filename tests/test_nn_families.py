@@ -62,7 +62,7 @@ def test_relu_sparse_step_equals_the_dense_one(monkeypatch):
     from saev.nn import families
 
     results = {}
-    for path, below in [("dense", -1.0), ("sparse", 1.0)]:
+    for path, below in [("dense", -1.0), ("sparse", math.inf)]:
         monkeypatch.setattr(families.ReLUStack, "sparse_below", below)
         stack, x = make("relu", [{"sparsity_coeff": 0.5}, {"sparsity_coeff": 2.0}])
         with torch.no_grad():

@@ -381,7 +381,9 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
     from saev.nn import families
 
     if family.startswith("relu"):
-        monkeypatch.setattr(families.ReLUStack, "sparse_below", 2.0 if "sparse" in family else -1.0)
+        monkeypatch.setattr(
+            families.ReLUStack, "sparse_below", math.inf if "sparse" in family else -1.0
+        )
         family = "relu"
     d, f, b = 64, 1024, 1024
     g = torch.Generator().manual_seed(0)

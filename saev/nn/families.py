@@ -39,7 +39,7 @@ class ReLUStack(Stack):
     A trained ReLU code is sparse (a few percent of the latents active), so a training step
     then takes the top-k families' sparse path: the decode, the decoder gradient and the encoder
     gradient touch only the active (token, latent) pairs, and the step costs about one encoder
-    matmul instead of five (2.5-4.8x faster below 8% active). Early in training, while codes
+    matmul instead of five (2-4.4x faster below 8% active at d_vit 768). Early in training, while codes
     are dense, the dense products are cheaper and the step stays dense. Both give the same
     gradient (tests/test_nn_families.py) in another summation order, so a relu member of a
     sweep equals the member trained alone to rounding, not bit for bit.
@@ -47,10 +47,12 @@ class ReLUStack(Stack):
 
     family = "relu"
     sparse_below: typing.ClassVar[float] = 0.2
-    """A training step is sparse while at most this fraction of the stack's (member, token,
-    latent) triples is active. The paths cost the same at 22-25% on the CPU for d_vit 64, 384
-    and 768 (`python benchmarks/sae_step.py --relu-l0 ...`); the sparse one's cost adds up over
-    members, so the stack's mean density decides."""
+    """A training step is sparse while at most sparse_below·d/(d + 52) of the stack's (member,
+    token, latent) triples are active, d = d_vit: the sparse path's work per active pair is d
+    multiply-adds plus index bookkeeping worth ~52 of them, the dense path's is d per pair of the
+    whole [B, d_sae] code. On the CPU the two cost the same at ~11% active for d_vit 64 and
+    ~19% for 384 and 768 (`python benchmarks/sae_step.py --relu-l0 ...`). The stack's mean
+    density decides because the sparse cost adds up over members."""
 
     def _encode(self, xs, train, warm):
         S, B = xs.shape[:2]
@@ -74,7 +76,8 @@ class ReLUStack(Stack):
         256 tokens: cheap, and a function of the batch alone, so a resumed run decides as the
         uninterrupted one did."""
         probe = pre[:, :256] > 0
-        return bool(probe.sum() <= self.sparse_below * probe.numel())
+        share = self.sparse_below * self.d_vit / (self.d_vit + 52)
+        return bool(probe.sum() <= share * probe.numel())
 
 
 class TopKStack(Stack):

@@ -128,9 +128,15 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
     same member selecting its own top k alone (a tie at its boundary: it happens, float32 pre-
     activations collide every few thousand tokens). Here a tie at a member's boundary keeps the
     lowest indices of the tied value, whatever the stack: a member trained in a sweep follows
-    the trajectory it follows alone.
+    the trajectory it follows alone. Under bfloat16 autocast about half the rows tie at the
+    boundary, and the repair would cost several times the top-k itself: there ties are left
+    to torch.topk (members with equal k still match their alone runs; a k grid matches to
+    bfloat16 rounding).
     """
     kmax, n = max(ks), values.shape[-1]
+    if values.dtype not in (torch.float32, torch.float64):
+        top = values.topk(kmax, dim=-1)
+        return top.values, top.indices
     # One extra entry shows whether the value at a boundary continues past it.
     top = values.topk(min(kmax + 1, n), dim=-1)
     vals, idx = top.values, top.indices
