@@ -57,8 +57,8 @@ def test_relu_forward_and_l1():
 
 
 def test_relu_sparse_step_equals_the_dense_one(monkeypatch):
-    """Once every member's codes are sparse enough, a relu training step takes the sparse path;
-    its codes, losses and every gradient equal the dense step's."""
+    """Once the stack's codes are sparse enough, a relu training step takes the sparse path;
+    its codes, losses, L0 and every gradient (input included) equal the dense step's."""
     from saev.nn import families
 
     results = {}

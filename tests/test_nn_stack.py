@@ -414,7 +414,7 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
 
 
 def test_top_sets_with_many_ties_match_a_brute_force_choice():
-    """bfloat16 pre-activations tie often: every member's set is its k largest, ties broken by
+    """Integer-valued rows, full of ties: every member's set is its k largest, ties broken by
     the lowest index, as sorting by (value descending, index ascending) picks them."""
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 4, (3, 50, 12), generator=g).float()
