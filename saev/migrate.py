@@ -55,9 +55,9 @@ Rule = typing.Callable[[list[str], dict], Outcome]
 # Rules, shared by the flag tables.
 
 
-def to(flag: str) -> Rule:
-    """Renamed: the same values under saev's flag."""
-    return lambda v, ctx: Outcome([flag, *v], f"read as {' '.join([flag, *v])}")
+def to(*words: str) -> Rule:
+    """Renamed: saev's flag (and any fixed values after it), then the flag's own values."""
+    return lambda v, ctx: Outcome([*words, *v], f"read as {' '.join([*words, *v])}")
 
 
 def drop(why: str) -> Rule:
@@ -228,17 +228,15 @@ FLAGS: dict[str, dict[str, tuple[int, Rule]]] = {
         "--sae.n-reinit-samples": (1, to("--n-init-sample")),
         "sae:relu": (
             0,
-            lambda v, ctx: Outcome(["--sae.family", "relu"], "read as --sae.family relu"),
+            to("--sae.family", "relu"),
         ),
         "objective:vanilla": (
             0,
-            lambda v, ctx: Outcome(["--sae.family", "relu"], "read as --sae.family relu"),
+            to("--sae.family", "relu"),
         ),
         "objective:matryoshka": (
             0,
-            lambda v, ctx: Outcome(
-                ["--sae.family", "matryoshka"], "read as --sae.family matryoshka"
-            ),
+            to("--sae.family", "matryoshka"),
         ),
         "--objective.sparsity-coeff": (
             1,
@@ -258,11 +256,11 @@ FLAGS: dict[str, dict[str, tuple[int, Rule]]] = {
         "--n-sparsity-warmup": (1, steps_to_tokens("--sae.sparsity-warmup")),
         "--track": (
             0,
-            lambda v, ctx: Outcome(["--wandb.mode", "online"], "read as --wandb.mode online"),
+            to("--wandb.mode", "online"),
         ),
         "--no-track": (
             0,
-            lambda v, ctx: Outcome(["--wandb.mode", "disabled"], "read as --wandb.mode disabled"),
+            to("--wandb.mode", "disabled"),
         ),
         "--wandb-project": (1, to("--wandb.project")),
         "--tag": (1, to("--wandb.tags")),
