@@ -429,3 +429,11 @@ def test_top_sets_with_many_ties_match_a_brute_force_choice():
                 continue  # masked entries: any of them
             assert sorted(idx[s, b, :k].tolist()) == sorted(want), (s, b)
             assert vals[s, b, :k].tolist() == sorted((row[i] for i in want), reverse=True)
+
+
+def test_top_sets_over_whole_batches_breaks_ties_the_same_way():
+    """BatchTopK selects over a flattened [S, B*F]: one row per member."""
+    values = torch.tensor([[3.0, 1, 3, 3, 0, 3], [1.0, 1, 1, 2, 2, 0]])
+    vals, idx = sparse.top_sets(values, [2, 3])
+    assert idx[0, :2].tolist() == [0, 2] and vals[0, :2].tolist() == [3.0, 3.0]
+    assert sorted(idx[1].tolist()) == [0, 3, 4] and vals[1].tolist() == [2.0, 2.0, 1.0]

@@ -159,8 +159,8 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
         picked = keep.nonzero()[:, 1].view(-1, k)  # [R, k], every row keeps exactly k
         picked_vals = rows.gather(-1, picked)
         order = picked_vals.argsort(dim=-1, descending=True, stable=True)
-        idx[s][tied] = torch.cat([picked.gather(-1, order), idx[s][tied][:, k:]], -1)
-        vals[s][tied] = torch.cat([picked_vals.gather(-1, order), vals[s][tied][:, k:]], -1)
+        idx[s][tied, :k] = picked.gather(-1, order)
+        vals[s][tied, :k] = picked_vals.gather(-1, order)
     return vals[..., :kmax], idx[..., :kmax]
 
 
