@@ -87,7 +87,7 @@ import saev.nn  # noqa: E402
 from saev.errors import UserError  # noqa: E402
 from saev.evaluate import DataConfig as EvalData  # noqa: E402
 from saev.evaluate import evaluate_ckpts  # noqa: E402
-from saev.helpers import resolve_device  # noqa: E402
+from saev.helpers import keep_freed_memory, resolve_device  # noqa: E402
 from saev.shards import Metadata, Shards, ShardWriter  # noqa: E402
 from saev.shards.shuffled import ShuffledLoader, split_images  # noqa: E402
 from saev.train.config import DataConfig  # noqa: E402
@@ -900,9 +900,13 @@ def main() -> int:
     device = resolve_device(args.device)
     defaults = DataConfig()
     all_ds = datasets(args)
+    # `saev train` keeps freed memory for reuse (saev.helpers.keep_freed_memory), process-wide:
+    # set here, before either library trains, so both run under the same allocator settings.
+    kept = keep_freed_memory()
     print(
         f"saev {saev.__version__} ({pathlib.Path(saev.__file__).parent}) vs {PEER} {PEER_VERSION}; device={device}, "
-        f"torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}",
+        f"torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}, "
+        f"malloc keeps freed memory (both libraries): {'yes' if kept else 'no'}",
         flush=True,
     )
     report: dict = {"device": str(device), "args": vars(args) | {}, "datasets": {}}

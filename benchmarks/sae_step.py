@@ -21,6 +21,7 @@ import time
 import torch
 
 import saev.nn
+from saev.helpers import keep_freed_memory
 
 
 def dense_topk_step(stack: saev.nn.Stack, opt: saev.nn.StackAdam, x: torch.Tensor) -> None:
@@ -148,8 +149,10 @@ def main() -> None:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    kept = keep_freed_memory()  # as `saev train` runs its steps
     print(
         f"device={device} d={args.d} k={args.k} batch={args.batch} threads={torch.get_num_threads()}"
+        f" malloc keeps freed memory: {'yes' if kept else 'no'}"
     )
     x = torch.randn(args.batch, args.d, device=device)
     print(

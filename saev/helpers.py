@@ -1,10 +1,13 @@
 """Small utilities shared by every command: atomic writes, config hashing, devices."""
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import platform
+import sys
 import tempfile
 import typing
 
@@ -84,6 +87,34 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device!r} asked for a GPU but torch sees no CUDA device.")
     return dev
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse, for the rest of the process; returns
+    whether it applied (Linux with glibc, and SAEV_MALLOC is not 'system').
+
+    A training step allocates and frees tensors of hundreds of MB (a stack's [S, B, d_sae]
+    pre-activations). glibc maps every block over 32 MB fresh from the kernel and unmaps it on
+    free, so each step page-faults, and the kernel zeroes, all of them again: a sixth of a
+    5-member relu step at d_vit 384 on a 2-core CPU (docs/benchmarks.md). jemalloc and tcmalloc
+    reuse such blocks too (PyTorch's CPU performance guide suggests them); this is the same for
+    glibc, with no library to preload. The cost: the process keeps its peak heap until it exits.
+    """
+    if sys.platform != "linux" or os.environ.get("SAEV_MALLOC", "").lower() == "system":
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+    # No mmap for big blocks (they come from the heap and return to it), no heap trimming.
+    return bool(
+        mallopt(m_mmap_max, 0)
+        and mallopt(m_trim_threshold, 2**31 - 1)
+        and mallopt(m_top_pad, 64 << 20)
+    )
 
 
 def slurm_executor(log_to: str | os.PathLike, name: str, **resources: typing.Any):

@@ -15,7 +15,7 @@ def make(family, members, seed=0):
     stack = saev.nn.make_stack(family, d_vit=D, d_sae=F, members=members).double()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        stack.scale.copy_(torch.tensor([0.5, 2.0])[: stack.S])
+        stack.scale.copy_(torch.tensor([0.5, 2.0, 1.0])[: stack.S])
         stack.b_dec.copy_(torch.randn(stack.b_dec.shape, generator=g, dtype=torch.float64))
         stack.b_enc.copy_(torch.randn(stack.b_enc.shape, generator=g, dtype=torch.float64) * 0.3)
         stack.W_enc.copy_(torch.randn(stack.W_enc.shape, generator=g, dtype=torch.float64))
@@ -56,47 +56,61 @@ def test_relu_forward_and_l1():
     torch.testing.assert_close(out.losses["total"], out.losses["recon"] + out.losses["sparsity"])
 
 
-def test_relu_sparse_step_equals_the_dense_one(monkeypatch):
-    """Once the stack's codes are sparse enough, a relu training step takes the sparse path;
-    its codes, losses, L0 and every gradient (input included) equal the dense step's."""
+@pytest.mark.parametrize("paths", ["ddd", "sss", "dsd", "sds", "ssd"])
+def test_relu_step_on_any_mix_of_paths_equals_the_dense_step(paths, monkeypatch):
+    """Each relu member takes the dense or the sparse path; any mix (members in order or not)
+    gives the codes, losses, L0, fired latents and every gradient (input included) of the
+    all-dense step."""
     from saev.nn import families
 
-    results = {}
-    for path, below in [("dense", -1.0), ("sparse", math.inf)]:
-        monkeypatch.setattr(families.ReLUStack, "sparse_below", below)
-        stack, x = make("relu", [{"sparsity_coeff": 0.5}, {"sparsity_coeff": 2.0}])
+    def run(pattern):
+        monkeypatch.setattr(
+            families.ReLUStack, "_sparse_members", lambda self, pre: [c == "s" for c in pattern]
+        )
+        stack, x = make("relu", [{"sparsity_coeff": c} for c in (0.5, 2.0, 1.0)])
         with torch.no_grad():
-            stack.b_enc.sub_(1.5)  # some tokens and latents inactive, one member sparser
+            stack.b_enc.sub_(1.5)  # some tokens and latents inactive
+            stack.b_enc[2, :4] = -50.0  # member 2: latents 0-3 never fire
         x.requires_grad_(True)
         out = stack(x, warmup=0.5)
-        assert (out.codes.layout is not None) == (path == "sparse")
         out.losses["total"].sum().backward()
         grads = {n: p.grad.clone() for n, p in stack.named_parameters()}
-        results[path] = (out.f.detach(), out.losses, grads, x.grad.clone(), out.l0)
-    (f_d, loss_d, g_d, gx_d, l0_d), (f_s, loss_s, g_s, gx_s, l0_s) = results.values()
-    assert 0 < (f_d > 0).sum() < f_d.numel() / 2
-    torch.testing.assert_close(f_s, f_d)
-    for key in loss_d:
-        torch.testing.assert_close(loss_s[key], loss_d[key], msg=key)
-    for name in g_d:
-        torch.testing.assert_close(g_s[name], g_d[name], msg=name)
-    torch.testing.assert_close(gx_s, gx_d)
-    torch.testing.assert_close(l0_s, l0_d)
+        return out, grads, x.grad.clone(), stack.tokens_since_fired.clone()
+
+    out, grads, gx, since = run(paths)
+    want, want_grads, want_gx, want_since = run("ddd")
+    if paths in ("ddd", "sss"):
+        assert not out.codes.parts and (out.codes.layout is not None) == (paths == "sss")
+    else:
+        by_path = {part.layout is not None: m for m, part in out.codes.parts}
+        assert by_path[True] == tuple(i for i, c in enumerate(paths) if c == "s")
+        assert by_path[False] == tuple(i for i, c in enumerate(paths) if c == "d")
+    f = want.f.detach()
+    assert 0 < (f > 0).sum() < f.numel() / 2
+    torch.testing.assert_close(out.f.detach(), f)
+    torch.testing.assert_close(out.x_hat.detach(), want.x_hat.detach())
+    for key in want.losses:
+        torch.testing.assert_close(out.losses[key], want.losses[key], msg=key)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], msg=name)
+    torch.testing.assert_close(gx, want_gx)
+    torch.testing.assert_close(out.l0, want.l0)
+    assert torch.equal(since, want_since) and since[2, :4].eq(B).all()
 
 
-def test_relu_step_is_dense_while_codes_are_dense_on_average():
+def test_relu_members_choose_their_path_by_their_own_density():
     stack, x = make("relu", [{}, {}])
     with torch.no_grad():
-        stack.b_enc[0] = -100.0  # member 0 silent; member 1 mostly active: dense on average
+        stack.b_enc[0] = -100.0  # member 0 silent: sparse; member 1 all active: dense
         stack.b_enc[1] = 100.0
-    assert stack(x).codes.dense is not None
-    with torch.no_grad():
-        stack.b_enc[1] = -100.0
     out = stack(x)
-    assert out.codes.layout is not None and out.codes.vals.numel() == 0
-    assert out.l0.tolist() == [0.0, 0.0]
-    out.losses["total"].sum().backward()  # no active pair: only b_dec learns
-    assert stack.W_enc.grad.abs().sum() == 0 and stack.b_dec.grad.abs().sum() > 0
+    (dense_members, dense), (sparse_members, sparse) = out.codes.parts
+    assert dense_members == (1,) and dense.dense is not None
+    assert sparse_members == (0,) and sparse.layout is not None and sparse.vals.numel() == 0
+    assert out.l0.tolist() == [0.0, F]
+    out.losses["total"].sum().backward()  # member 0 has no active pair: only its b_dec learns
+    assert stack.W_enc.grad[0].abs().sum() == 0 and stack.b_dec.grad[0].abs().sum() > 0
+    assert stack.W_enc.grad[1].abs().sum() > 0
     with torch.no_grad():
         assert stack(x).codes.dense is not None  # no gradient wanted: plain dense inference
 

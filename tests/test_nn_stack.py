@@ -372,19 +372,31 @@ def test_a_tie_at_a_members_boundary_keeps_the_lowest_index_in_any_stack():
         assert torch.equal(alone[0, 0, :k].sort().values, together[0, 0, :k].sort().values)
 
 
-@pytest.mark.parametrize("family", ["topk", "batchtopk", "relu-dense", "relu-sparse"])
+@pytest.mark.parametrize(
+    "family", ["topk", "batchtopk", "relu-dense", "relu-sparse", "relu-mixed", "relu"]
+)
 def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monkeypatch):
     """In float32, with reductions big enough that torch splits them differently per stack size,
     AuxK live and gradient clipping active, a sweep member's weights equal, bit for bit, the
-    same member trained alone (what benchmarks/sweep.py checks on real runs). A relu stack picks
-    its path by the members' mean density, so each path is checked on its own."""
+    same member trained alone (what benchmarks/sweep.py checks on real runs). Each relu member
+    picks its path from its own codes: all-dense, all-sparse and mixed stacks are forced, then
+    the members choose."""
     from saev.nn import families
 
-    if family.startswith("relu"):
+    if family.startswith("relu-"):
+        path = family.removeprefix("relu-")
         monkeypatch.setattr(
-            families.ReLUStack, "sparse_below", math.inf if "sparse" in family else -1.0
+            families.ReLUStack,
+            "_sparse_members",
+            lambda self, pre: [
+                path == "sparse" or (path == "mixed" and m["sparsity_coeff"] > 0.05)
+                for m in self.members
+            ],
         )
         family = "relu"
+    elif family == "relu":
+        # Members choose: at 30% active (not ~11%) member 2 turns sparse in step 4, 0 and 1 stay dense.
+        monkeypatch.setattr(families.ReLUStack, "sparse_below", 0.3 * (64 + 52) / 64)
     d, f, b = 64, 1024, 1024
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4 * b, d, generator=g) * 3 + 1

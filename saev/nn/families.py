@@ -6,6 +6,7 @@ cited per class. Top-k style families keep their codes sparse (values + indices)
 use the sparse encoder backward and embedding-bag decode of sparse.py.
 """
 
+import functools
 import math
 import typing
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saev.nn import sparse
-from saev.nn.stack import Codes, Stack, member_variances
+from saev.nn.stack import Codes, Stack, member_variances, take_members
 
 
 def l1_coeff(stack: Stack, warm: Tensor) -> Tensor:
@@ -36,48 +37,75 @@ def l0_coeff(stack: Stack, warm: Tensor) -> Tensor:
 class ReLUStack(Stack):
     """f = ReLU(pre); loss λ·√d_vit·Σᵢ fᵢ (decoder rows are unit norm, so this is Σ fᵢ‖W_dec,ᵢ‖).
 
-    A trained ReLU code is sparse (a few percent of the latents active), so a training step
-    then takes the top-k families' sparse path: the decode, the decoder gradient and the encoder
-    gradient touch only the active (token, latent) pairs, and the step costs about one encoder
-    matmul instead of five (2-4.4x faster below 8% active at d_vit 768). Early in training, while codes
-    are dense, the dense products are cheaper and the step stays dense. Both give the same
-    gradient (tests/test_nn_families.py) in another summation order, so a relu member of a
-    sweep equals the member trained alone to rounding, not bit for bit.
+    A trained ReLU code is sparse (a few percent of the latents active), so a member's training
+    step then takes the top-k families' sparse path: the decode, the decoder gradient and the
+    encoder gradient touch only the active (token, latent) pairs, and the step costs about one
+    encoder matmul instead of five (2-4.9x faster below 8% active at d_vit 768). While a
+    member's codes are dense (early in training, or a small λ) the dense products are cheaper
+    and it stays dense. Each member picks its path from its own codes, so in one step of a
+    sweep the weakly penalised members can run dense next to sparse ones, and a member follows
+    the path, and the trajectory, it follows alone. Both paths give the same gradient
+    (tests/test_nn_families.py) in another summation order.
     """
 
     family = "relu"
     sparse_below: typing.ClassVar[float] = 0.2
-    """A training step is sparse while at most sparse_below·d/(d + 52) of the stack's (member,
-    token, latent) triples are active, d = d_vit: the sparse path's work per active pair is d
-    multiply-adds plus index bookkeeping worth ~52 of them, the dense path's is d per pair of the
-    whole [B, d_sae] code. On the CPU the two cost the same at ~11% active for d_vit 64 and
-    ~19% for 384 and 768 (`python benchmarks/sae_step.py --relu-l0 ...`). The stack's mean
-    density decides because the sparse cost adds up over members."""
+    """A member's training step is sparse while at most sparse_below·d/(d + 52) of its (token,
+    latent) pairs are active, d = d_vit: the sparse path's work per active pair is d
+    multiply-adds plus index bookkeeping worth ~52 of them, the dense path's is d per pair of
+    the whole [B, d_sae] code. On the CPU the two cost the same at ~11% active for d_vit 64 and
+    ~19% for 384 and 768 (`python benchmarks/sae_step.py --relu-l0 ...`)."""
 
     def _encode(self, xs, train, warm):
-        S, B = xs.shape[:2]
         lam = l1_coeff(self, warm)
-        pre = self.pre_acts(xs)
-        if torch.is_grad_enabled() and self.W_enc.requires_grad and self._sparse_now(pre):
-            with torch.no_grad():
-                pre = pre.detach()  # the sparse backward replaces the dense one
-                active = (pre > 0).reshape(-1).nonzero().squeeze(1)
-                layout = sparse.flat_layout(active, S, B, self.d_sae)
-            vals = sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, layout)
-            member = torch.div(layout.rows, B, rounding_mode="floor")
-            l1 = vals.new_zeros(S).index_add(0, member, vals) / B
-            return Codes(S, B, self.d_sae, layout=layout, vals=vals), {"sparsity": lam * l1}, None
-        f = torch.relu(pre)
-        return Codes(S, B, self.d_sae, dense=f), {"sparsity": lam * f.sum(-1).mean(-1)}, None
+        learn = torch.is_grad_enabled() and self.W_enc.requires_grad
+        with torch.no_grad():
+            pre = self.pre_acts(xs)
+            sparse_members = self._sparse_members(pre) if learn else [False] * self.S
+        groups = [
+            (tuple(s for s in range(self.S) if sparse_members[s] == is_sparse), is_sparse)
+            for is_sparse in (False, True)
+        ]
+        parts = [
+            self._part(pre, xs, members, is_sparse) for members, is_sparse in groups if members
+        ]
+        if len(parts) == 1:
+            codes, l1 = parts[0][1:]
+        else:
+            codes = Codes(self.S, xs.shape[1], self.d_sae, parts=tuple((m, c) for m, c, _ in parts))
+            l1 = codes.join([part_l1 for _, _, part_l1 in parts])
+        return codes, {"sparsity": lam * l1}, None
+
+    def _part(
+        self, pre: Tensor, xs: Tensor, members: tuple[int, ...], is_sparse: bool
+    ) -> tuple[tuple[int, ...], Codes, Tensor]:
+        """Codes and mean L1 per token ([len(members)]) of some members, on one path."""
+        take = functools.partial(take_members, members=members)
+        pre, b_dec, b_enc = take(pre), take(self.b_dec), take(self.b_enc)
+        # W_enc is taken from its own [S, F, d] storage: autograd builds a taken tensor's
+        # gradient contiguous, and a gradient laid out unlike its parameter costs a copy.
+        W_enc = take(self.W_enc.transpose(1, 2)).transpose(1, 2)
+        xs = take(xs) if xs.shape[0] == self.S else xs
+        S, B = len(members), pre.shape[1]
+        if not is_sparse:
+            f = torch.relu(sparse.dense_pre(pre, xs, b_dec, W_enc, b_enc))
+            return members, Codes(S, B, self.d_sae, dense=f), f.sum(-1).mean(-1)
+        with torch.no_grad():
+            active = (pre > 0).reshape(-1).nonzero().squeeze(1)
+            layout = sparse.flat_layout(active, S, B, self.d_sae)
+        vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout)
+        member = torch.div(layout.rows, B, rounding_mode="floor")
+        l1 = vals.new_zeros(S).index_add(0, member, vals) / B
+        return members, Codes(S, B, self.d_sae, layout=layout, vals=vals), l1
 
     @torch.no_grad()
-    def _sparse_now(self, pre: Tensor) -> bool:
-        """Whether this batch's codes are sparse enough for the sparse path, judged on its first
-        256 tokens: cheap, and a function of the batch alone, so a resumed run decides as the
-        uninterrupted one did."""
+    def _sparse_members(self, pre: Tensor) -> list[bool]:
+        """Which members' codes are sparse enough for the sparse path in this batch, judged on
+        its first 256 tokens: cheap, and a function of the batch and the member alone, so a
+        resumed run, or the member trained alone, decides as the uninterrupted sweep did."""
         probe = pre[:, :256] > 0
         share = self.sparse_below * self.d_vit / (self.d_vit + 52)
-        return bool(probe.sum() <= share * probe.numel())
+        return (probe.sum((1, 2)) <= share * probe[0].numel()).tolist()
 
 
 class TopKStack(Stack):

@@ -17,6 +17,10 @@ product with C is an embedding bag (a gather of rows, weighted, summed per bag):
   by the encoder and the decoder backward;
 - the gradient of the code values, (G @ W^T) at C's positions only, is torch's sampled matmul.
 
+Dense codes (the other families, and ReLU members while their codes are dense) get the same
+encoder backward from `dense_pre`, which sums the gradient over tokens before it meets W_enc
+for b_dec's share: autograd of (xs - b_dec) W_enc would spend a whole [B, F] x [F, d] product on it.
+
 On the CPU an embedding bag does C^T @ M 6-8x faster than MKL's sparse-dense product of the
 transposed CSR, and torch's own embedding-bag backward sorts the indices on every call;
 benchmarks/sae_step.py measures the step against the encoder matmul it must keep up with.
@@ -248,6 +252,47 @@ def gather_pre(
     caller); gradients flow to xs, b_dec, W_enc and b_enc exactly as through the dense expression.
     """
     return _GatherPre.apply(pre, xs, b_dec, W_enc, b_enc, layout)
+
+
+class _DensePre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, xs, b_dec, W_enc, b_enc):
+        # pre: [S, B, F] detached; returned as is (autograd makes the output a view of it).
+        ctx.save_for_backward(xs, b_dec, W_enc)
+        return pre
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, b_dec, W_enc = ctx.saved_tensors
+        S, B, Fdim = g.shape
+        d = W_enc.shape[1]
+        # Under bfloat16 autocast g is bf16: the products run in g's dtype, as autocast's own
+        # backward would, and autograd casts each gradient to its parameter's dtype.
+        grad_b_enc = g.sum(1)
+        grad_xs = grad_W_enc = grad_b_dec = None
+        if ctx.needs_input_grad[3]:
+            # Built as [S, F, d] = G^T x~ and returned transposed: W_enc's own layout (stack.py).
+            x_t = (xs.expand(S, B, d) - b_dec[:, None, :]).to(g.dtype)
+            grad_W_enc = torch.bmm(g.transpose(1, 2), x_t).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            grad = torch.bmm(g, W_enc.transpose(1, 2).to(g.dtype))
+            grad_xs = (grad.sum(0, keepdim=True) if xs.shape[0] == 1 and S > 1 else grad).to(
+                xs.dtype
+            )
+        if ctx.needs_input_grad[2]:
+            # The token sum first: -(sum of g over tokens) W_enc^T, a [1, F] x [F, d] product
+            # per member where autograd of (xs - b_dec) W_enc would form the [B, d] gradient of
+            # x~, as costly as the encoder matmul, only to sum it over tokens.
+            grad_b_dec = -torch.bmm(grad_b_enc[:, None, :], W_enc.transpose(1, 2).to(g.dtype))
+            grad_b_dec = grad_b_dec.squeeze(1)
+        return None, grad_xs, grad_b_dec, grad_W_enc, grad_b_enc
+
+
+def dense_pre(pre: Tensor, xs: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """`pre` ([S, B, F], computed without grad by the caller as (xs - b_dec) W_enc + b_enc)
+    with the gradient of that expression, as `gather_pre` but for the whole dense matrix: dense
+    families skip the [B, F] x [F, d] product autograd spends on b_dec's gradient."""
+    return _DensePre.apply(pre, xs, b_dec, W_enc, b_enc)
 
 
 class _Decode(torch.autograd.Function):

@@ -51,10 +51,23 @@ def member_variances(t: Tensor) -> Tensor:
     return torch.stack([(m - m.mean(0)).pow(2).sum(dtype=torch.float64) for m in t.unbind(0)])
 
 
+def take_members(t: Tensor, members: typing.Sequence[int]) -> Tensor:
+    """`t[members]` along the leading member axis: a view when they are consecutive (the usual
+    case: a grid lists its members in order), a differentiable copy otherwise."""
+    lo = members[0]
+    if list(members) == list(range(t.shape[0])):
+        return t  # not even a view: a slice's gradient is built contiguous, see `ReLUStack._part`
+    if list(members) == list(range(lo, lo + len(members))):
+        return t[lo : lo + len(members)]
+    return t.index_select(0, torch.tensor(members, device=t.device))
+
+
 @dataclasses.dataclass
 class Codes:
     """One batch's codes: dense `f` [S, B, F], or sparse `vals` [nnz] at the positions of a
-    `sparse.Layout` (top-k style families; members may keep different numbers per token)."""
+    `sparse.Layout` (top-k style families; members may keep different numbers per token), or
+    `parts`: (members, their Codes) pairs, when members of one stack take different paths
+    (ReLU: dense members next to sparse ones)."""
 
     S: int
     B: int
@@ -62,8 +75,20 @@ class Codes:
     dense: Tensor | None = None
     layout: sparse.Layout | None = None
     vals: Tensor | None = None
+    parts: tuple[tuple[tuple[int, ...], "Codes"], ...] = ()
+
+    def join(self, values: typing.Sequence[Tensor]) -> Tensor:
+        """One [S, ...] tensor from per-part [len(members), ...] ones, in member order."""
+        cat = torch.cat(list(values))
+        order = [s for members, _ in self.parts for s in members]
+        if order == list(range(self.S)):
+            return cat
+        inverse = torch.tensor(order, device=cat.device).argsort()
+        return cat.index_select(0, inverse)
 
     def to_dense(self) -> Tensor:
+        if self.parts:
+            return self.join([part.to_dense() for _, part in self.parts])
         if self.dense is not None:
             return self.dense
         f = self.vals.new_zeros(self.S * self.B * self.d_sae)
@@ -72,6 +97,8 @@ class Codes:
     @torch.no_grad()
     def fired(self) -> Tensor:
         """[S, F] bool: latents nonzero on at least one token of the batch."""
+        if self.parts:
+            return self.join([part.fired() for _, part in self.parts])
         if self.dense is not None:
             # Codes are never negative (every family ends in a ReLU or a positive threshold),
             # and a max is several times cheaper than a boolean any over [S, B, F].
@@ -83,6 +110,8 @@ class Codes:
     @torch.no_grad()
     def l0(self) -> Tensor:
         """[S] mean number of nonzero latents per token."""
+        if self.parts:
+            return self.join([part.l0() for _, part in self.parts])
         if self.dense is not None:
             # Codes are never negative (see `fired`): sign() is the 0/1 indicator, summed in float.
             return self.dense.sign().sum(-1).mean(-1).float()
@@ -94,10 +123,19 @@ class Codes:
 
     def masked(self, n_first: int) -> "Codes":
         """The codes restricted to latents [0, n_first) (Matryoshka prefixes)."""
+        if self.parts:
+            parts = tuple((members, part.masked(n_first)) for members, part in self.parts)
+            return dataclasses.replace(self, parts=parts)
         if self.dense is not None:
             keep = torch.arange(self.d_sae, device=self.dense.device) < n_first
             return dataclasses.replace(self, dense=self.dense * keep)
         return dataclasses.replace(self, vals=self.vals * (self.layout.latents < n_first))
+
+
+def _decode(W_dec: Tensor, b_dec: Tensor, codes: Codes) -> Tensor:
+    if codes.dense is not None:
+        return torch.baddbmm(b_dec[:, None, :], codes.dense, W_dec)
+    return sparse.decode(W_dec, b_dec, codes.layout, codes.vals)
 
 
 @dataclasses.dataclass
@@ -254,8 +292,13 @@ class Stack(nn.Module, abc.ABC):
         return self.scale[:, None, None].to(x.dtype) * x
 
     def pre_acts(self, xs: Tensor) -> Tensor:
-        """pre = (xs - b_dec) W_enc + b_enc: [S, B, F]."""
-        return torch.baddbmm(self.b_enc[:, None, :], xs - self.b_dec[:, None, :], self.W_enc)
+        """pre = (xs - b_dec) W_enc + b_enc: [S, B, F], differentiable when grad is enabled
+        (with `sparse.dense_pre`'s backward)."""
+        with torch.no_grad():
+            pre = torch.baddbmm(self.b_enc[:, None, :], xs - self.b_dec[:, None, :], self.W_enc)
+        if not torch.is_grad_enabled():
+            return pre
+        return sparse.dense_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc)
 
     @abc.abstractmethod
     def _encode(
@@ -265,9 +308,14 @@ class Stack(nn.Module, abc.ABC):
 
     def decode_codes(self, codes: Codes) -> Tensor:
         """Reconstruction in the scaled space: f W_dec + b_dec, [S, B, d]."""
-        if codes.dense is not None:
-            return torch.baddbmm(self.b_dec[:, None, :], codes.dense, self.W_dec)
-        return sparse.decode(self.W_dec, self.b_dec, codes.layout, codes.vals)
+        if codes.parts:
+            return codes.join(
+                [
+                    _decode(take_members(self.W_dec, m), take_members(self.b_dec, m), part)
+                    for m, part in codes.parts
+                ]
+            )
+        return _decode(self.W_dec, self.b_dec, codes)
 
     def _recon_loss(self, xs: Tensor, codes: Codes, recon: Tensor) -> Tensor:
         return (xs - recon).pow(2).sum(-1).mean(-1)

@@ -21,7 +21,7 @@ import torch
 from saev.errors import UserError
 from saev.evaluate import DataConfig as EvalData
 from saev.evaluate import evaluate_ckpts, write_outputs
-from saev.helpers import atomic_write_json, atomic_write_text, short_hash
+from saev.helpers import atomic_write_json, atomic_write_text, keep_freed_memory, short_hash
 from saev.train import dist, partition, slurm, sweep
 from saev.train.config import LAUNCH_KEYS, Config, DataConfig, SaeConfig, WandbConfig
 from saev.train.loop import PassData, Role, open_pass, train_pass
@@ -61,6 +61,7 @@ class Plan:
 
 def train(cfg: Config) -> pathlib.Path:
     """Train what `cfg` describes; returns the run directory."""
+    keep_freed_memory()  # steps reuse their big blocks instead of faulting them in anew
     # Every rank checks the run before any writes it: the process group's rendezvous in
     # dist.start waits for all ranks, so rank 0 cannot create the run directory while another
     # rank still checks that it does not exist.
