@@ -2,8 +2,12 @@
 
 import json
 import math
+import os
 import pathlib
+import platform
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -497,3 +501,31 @@ def test_a_default_topk_run_recovers_a_planted_dictionary(tmp_path):
     cos = (torch.from_numpy(atoms) @ W.T).max(-1).values
     # At init the best of 256 random rows scores ~0.5 per atom; this run reaches 0.96.
     assert cos.mean() > 0.85 and (cos > 0.9).float().mean() > 0.7, cos.mean()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("setting", ["", "system"])
+def test_training_reuses_freed_big_blocks_without_page_faults(setting):
+    """`saev train` asks malloc to keep freed memory (helpers.keep_freed_memory): once a few
+    steps have run, a 64 MB block allocated again comes back without faulting its pages in from
+    the kernel; SAEV_MALLOC=system leaves glibc's default (each big block mapped fresh: one
+    fault per 4 KiB page, every time)."""
+    script = (
+        "import resource, torch\n"
+        "from saev.helpers import keep_freed_memory\n"
+        "print(keep_freed_memory())\n"
+        "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for step in range(16):\n"
+        "    before = faults()\n"
+        "    torch.empty(16 << 20).fill_(step)\n"  # 64 MB, freed at once
+        "print(faults() - before)\n"
+    )
+    env = os.environ | {"SAEV_MALLOC": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    pages = (64 << 20) // 4096
+    if setting == "system":
+        assert out[0] == "False" and int(out[1]) > pages // 2
+    else:
+        assert out[0] == "True" and int(out[1]) < pages // 20
