@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saev.nn.products import member_matmul
+
 
 @dataclasses.dataclass(eq=False)
 class Layout:
@@ -272,10 +274,10 @@ class _DensePre(torch.autograd.Function):
         grad_xs = grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[3]:
             # Built as [S, F, d] = G^T x~ and returned transposed: W_enc's own layout (stack.py).
-            x_t = (xs.expand(S, B, d) - b_dec[:, None, :]).to(g.dtype)
-            grad_W_enc = torch.bmm(g.transpose(1, 2), x_t).transpose(1, 2)
+            x_t = xs.expand(S, B, d) - b_dec[:, None, :]
+            grad_W_enc = member_matmul(g.transpose(1, 2), x_t).transpose(1, 2)
         if ctx.needs_input_grad[1]:
-            grad = torch.bmm(g, W_enc.transpose(1, 2).to(g.dtype))
+            grad = member_matmul(g, W_enc.transpose(1, 2))
             grad_xs = (grad.sum(0, keepdim=True) if xs.shape[0] == 1 and S > 1 else grad).to(
                 xs.dtype
             )

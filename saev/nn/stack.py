@@ -23,7 +23,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
 from saev.errors import UserError
-from saev.nn import hparams, sparse
+from saev.nn import hparams, products, sparse
 from saev.nn.sae import SAE
 
 LOSS_KEYS = ("recon", "sparsity", "aux", "kl")
@@ -134,7 +134,7 @@ class Codes:
 
 def _decode(W_dec: Tensor, b_dec: Tensor, codes: Codes) -> Tensor:
     if codes.dense is not None:
-        return torch.baddbmm(b_dec[:, None, :], codes.dense, W_dec)
+        return products.decode(codes.dense, W_dec, b_dec)
     return sparse.decode(W_dec, b_dec, codes.layout, codes.vals)
 
 
@@ -295,7 +295,9 @@ class Stack(nn.Module, abc.ABC):
         """pre = (xs - b_dec) W_enc + b_enc: [S, B, F], differentiable when grad is enabled
         (with `sparse.dense_pre`'s backward)."""
         with torch.no_grad():
-            pre = torch.baddbmm(self.b_enc[:, None, :], xs - self.b_dec[:, None, :], self.W_enc)
+            pre = products.member_matmul(
+                xs - self.b_dec[:, None, :], self.W_enc, self.b_enc[:, None, :]
+            )
         if not torch.is_grad_enabled():
             return pre
         return sparse.dense_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc)
@@ -369,7 +371,7 @@ class Stack(nn.Module, abc.ABC):
 
     def decode(self, f: Float[Tensor, "S batch d_sae"]) -> Float[Tensor, "S batch d_vit"]:
         """Dense codes [S, B, F] -> raw reconstruction [S, B, d]."""
-        recon = torch.baddbmm(self.b_dec[:, None, :], f.to(self.W_dec.dtype), self.W_dec)
+        recon = products.decode(f.to(self.W_dec.dtype), self.W_dec, self.b_dec)
         return recon / self.scale[:, None, None]
 
     # ---- decoder-norm constraint, used by the optimiser --------------------------------
