@@ -40,7 +40,7 @@ class ReLUStack(Stack):
     A trained ReLU code is sparse (a few percent of the latents active), so a member's training
     step then takes the top-k families' sparse path: the decode, the decoder gradient and the
     encoder gradient touch only the active (token, latent) pairs, and the step costs about one
-    encoder matmul instead of five (2-4.9x faster below 8% active at d_vit 768). While a
+    encoder matmul instead of five (2-3.6x faster below 4% active at d_vit 768). While a
     member's codes are dense (early in training, or a small λ) the dense products are cheaper
     and it stays dense. Each member picks its path from its own codes, so in one step of a
     sweep the weakly penalised members can run dense next to sparse ones, and a member follows
