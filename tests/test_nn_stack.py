@@ -1,5 +1,6 @@
 """Stacks: members independent, sparse paths equal dense ones, the optimiser, ground truth."""
 
+import functools
 import math
 
 import pytest
@@ -142,6 +143,47 @@ def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks):
     assert (want[0].abs().sum(-1)[~active] == 0).all()
     # Member s pays for its own k: the layout holds B * sum(k) entries, not B * S * max(k).
     assert sparse.topk_layout(idx, ks, F).cols.numel() == B * sum(ks)
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_dense_encoder_and_decoder_products_equal_plain_autograd(shared_input):
+    """`sparse.dense_pre` (b_dec's gradient from the token sum) and `products.decode` (one GEMM
+    per member) give plain autograd's values and gradients, the input's included, for a stack
+    and for a non-consecutive subset of its members taken with `take_members`."""
+    from saev.nn import products
+    from saev.nn.stack import take_members
+
+    S, B = 3, 7
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(S, F, D, generator=g, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    W_enc = torch.randn(S, D, F, generator=g, dtype=torch.float64, requires_grad=True)
+    b_enc = torch.randn(S, F, generator=g, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(1 if shared_input else S, B, D, generator=g, dtype=torch.float64)
+    xs.requires_grad_(True)
+    target = torch.randn(S, B, D, generator=g, dtype=torch.float64)
+    params = [W_dec, b_dec, W_enc, b_enc, xs]
+
+    def plain(members):
+        t = lambda p: p[list(members)]  # noqa: E731
+        x = xs if shared_input else t(xs)
+        f = torch.baddbmm(t(b_enc)[:, None], x - t(b_dec)[:, None], t(W_enc)).relu()
+        return ((torch.baddbmm(t(b_dec)[:, None], f, t(W_dec)) - t(target)) ** 2).sum()
+
+    def ours(members):
+        t = lambda p: take_members(p, members)  # noqa: E731
+        x = xs if shared_input else t(xs)
+        with torch.no_grad():
+            pre = products.member_matmul(x - t(b_dec)[:, None], t(W_enc), t(b_enc)[:, None])
+        f = sparse.dense_pre(pre, x, t(b_dec), t(W_enc), t(b_enc)).relu()
+        return ((products.decode(f, t(W_dec), t(b_dec)) - t(target)) ** 2).sum()
+
+    for members in [(0, 1, 2), (2, 0)]:
+        torch.testing.assert_close(ours(members), plain(members))
+        got = _grads(functools.partial(ours, members), params)
+        want = _grads(functools.partial(plain, members), params)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_layouts_are_valid_csr_with_sorted_columns():
