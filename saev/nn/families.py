@@ -63,23 +63,23 @@ class ReLUStack(Stack):
         with torch.no_grad():
             pre = self.pre_acts(xs)
             sparse_members = self._sparse_members(pre) if learn else [False] * self.S
-        groups = [
-            (tuple(s for s in range(self.S) if sparse_members[s] == is_sparse), is_sparse)
+        groups = {
+            is_sparse: tuple(s for s, flag in enumerate(sparse_members) if flag == is_sparse)
             for is_sparse in (False, True)
-        ]
-        parts = [
-            self._part(pre, xs, members, is_sparse) for members, is_sparse in groups if members
-        ]
+        }
+        parts = {m: self._part(pre, xs, m, is_sparse) for is_sparse, m in groups.items() if m}
         if len(parts) == 1:
-            codes, l1 = parts[0][1:]
+            ((codes, l1),) = parts.values()
         else:
-            codes = Codes(self.S, xs.shape[1], self.d_sae, parts=tuple((m, c) for m, c, _ in parts))
-            l1 = codes.join([part_l1 for _, _, part_l1 in parts])
+            codes = Codes(
+                self.S, xs.shape[1], self.d_sae, parts=tuple((m, c) for m, (c, _) in parts.items())
+            )
+            l1 = codes.join([part_l1 for _, part_l1 in parts.values()])
         return codes, {"sparsity": lam * l1}, None
 
     def _part(
         self, pre: Tensor, xs: Tensor, members: tuple[int, ...], is_sparse: bool
-    ) -> tuple[tuple[int, ...], Codes, Tensor]:
+    ) -> tuple[Codes, Tensor]:
         """Codes and mean L1 per token ([len(members)]) of some members, on one path."""
         take = functools.partial(take_members, members=members)
         pre, b_dec, b_enc = take(pre), take(self.b_dec), take(self.b_enc)
@@ -90,14 +90,14 @@ class ReLUStack(Stack):
         S, B = len(members), pre.shape[1]
         if not is_sparse:
             f = torch.relu(sparse.dense_pre(pre, xs, b_dec, W_enc, b_enc))
-            return members, Codes(S, B, self.d_sae, dense=f), f.sum(-1).mean(-1)
+            return Codes(S, B, self.d_sae, dense=f), f.sum(-1).mean(-1)
         with torch.no_grad():
             active = (pre > 0).reshape(-1).nonzero().squeeze(1)
             layout = sparse.flat_layout(active, S, B, self.d_sae)
         vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout)
         member = torch.div(layout.rows, B, rounding_mode="floor")
         l1 = vals.new_zeros(S).index_add(0, member, vals) / B
-        return members, Codes(S, B, self.d_sae, layout=layout, vals=vals), l1
+        return Codes(S, B, self.d_sae, layout=layout, vals=vals), l1
 
     @torch.no_grad()
     def _sparse_members(self, pre: Tensor) -> list[bool]:

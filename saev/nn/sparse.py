@@ -235,14 +235,25 @@ class _GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # d pre / d xs = W_enc^T: attributions through a spliced SAE need this.
             grad = lay.row_sum(g, _rows_of(W_enc.transpose(1, 2))).view(S, B, d)
-            grad_xs = grad.sum(0, keepdim=True) if xs.shape[0] == 1 and S > 1 else grad
-            grad_xs = grad_xs.to(xs.dtype)
-
-        grad_b_dec = None
-        if ctx.needs_input_grad[2]:
-            # d pre / d b_dec = -W_enc, summed over tokens: -W_enc @ (sum of g per latent).
-            grad_b_dec = -torch.bmm(grad_b_enc[:, None, :], W_enc.transpose(1, 2)).squeeze(1)
+            grad_xs = _as_input_grad(grad, xs)
+        grad_b_dec = _b_dec_grad(grad_b_enc, W_enc) if ctx.needs_input_grad[2] else None
         return None, grad_xs, grad_b_dec, grad_W_enc, grad_b_enc, None
+
+
+def _as_input_grad(grad: Tensor, xs: Tensor) -> Tensor:
+    """The [S, B, d] gradient of the stack's input in xs's shape and dtype: summed over the
+    members for a shared [1, B, d] input."""
+    shared = xs.shape[0] == 1 and grad.shape[0] > 1
+    return (grad.sum(0, keepdim=True) if shared else grad).to(xs.dtype)
+
+
+def _b_dec_grad(grad_b_enc: Tensor, W_enc: Tensor) -> Tensor:
+    """b_dec's gradient through pre = (xs - b_dec) W_enc + b_enc: d pre / d b_dec = -W_enc, so
+    the token sum of pre's gradient (b_enc's) times -W_enc^T, a [1, F] x [F, d] product per
+    member. Autograd of the expression would form the [B, d] gradient of xs - b_dec first, a
+    product as costly as the encoder matmul, only to sum it over tokens."""
+    W_t = W_enc.transpose(1, 2).to(grad_b_enc.dtype)
+    return -torch.bmm(grad_b_enc[:, None, :], W_t).squeeze(1)
 
 
 def gather_pre(
@@ -266,27 +277,18 @@ class _DensePre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xs, b_dec, W_enc = ctx.saved_tensors
-        S, B, Fdim = g.shape
-        d = W_enc.shape[1]
         # Under bfloat16 autocast g is bf16: the products run in g's dtype, as autocast's own
         # backward would, and autograd casts each gradient to its parameter's dtype.
         grad_b_enc = g.sum(1)
         grad_xs = grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[3]:
             # Built as [S, F, d] = G^T x~ and returned transposed: W_enc's own layout (stack.py).
-            x_t = xs.expand(S, B, d) - b_dec[:, None, :]
+            x_t = xs - b_dec[:, None, :]  # [S, B, d], a shared [1, B, d] input broadcast
             grad_W_enc = member_matmul(g.transpose(1, 2), x_t).transpose(1, 2)
         if ctx.needs_input_grad[1]:
-            grad = member_matmul(g, W_enc.transpose(1, 2))
-            grad_xs = (grad.sum(0, keepdim=True) if xs.shape[0] == 1 and S > 1 else grad).to(
-                xs.dtype
-            )
+            grad_xs = _as_input_grad(member_matmul(g, W_enc.transpose(1, 2)), xs)
         if ctx.needs_input_grad[2]:
-            # The token sum first: -(sum of g over tokens) W_enc^T, a [1, F] x [F, d] product
-            # per member where autograd of (xs - b_dec) W_enc would form the [B, d] gradient of
-            # x~, as costly as the encoder matmul, only to sum it over tokens.
-            grad_b_dec = -torch.bmm(grad_b_enc[:, None, :], W_enc.transpose(1, 2).to(g.dtype))
-            grad_b_dec = grad_b_dec.squeeze(1)
+            grad_b_dec = _b_dec_grad(grad_b_enc, W_enc)
         return None, grad_xs, grad_b_dec, grad_W_enc, grad_b_enc
 
 
