@@ -11,6 +11,8 @@ import typing
 
 import numpy as np
 import PIL.Image
+import pytest
+import torch
 from jaxtyping import Float
 
 from saev.shards import Metadata, ShardWriter
@@ -28,6 +30,16 @@ METADATA = dict(
     data={"kind": "test"},
 )
 """A recording of a tiny 4-block timm ViT: what `metadata` fills in for every key not given."""
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+"""`@pytest.mark.parametrize("device", DEVICES)`: a test of the sparse kernels runs on the CPU
+everywhere and on CUDA (cuSPARSE, CUDA's embedding bags) where torch sees a GPU; CI has none."""
 
 
 def metadata(**fields: typing.Any) -> Metadata:

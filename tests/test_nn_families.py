@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from factories import DEVICES
 
 import saev.nn
 from saev.errors import UserError
@@ -11,7 +12,7 @@ from saev.errors import UserError
 D, F, B = 6, 10, 5
 
 
-def make(family, members, seed=0):
+def make(family, members, seed=0, device="cpu"):
     stack = saev.nn.make_stack(family, d_vit=D, d_sae=F, members=members).double()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -20,7 +21,7 @@ def make(family, members, seed=0):
         stack.b_enc.copy_(torch.randn(stack.b_enc.shape, generator=g, dtype=torch.float64) * 0.3)
         stack.W_enc.copy_(torch.randn(stack.W_enc.shape, generator=g, dtype=torch.float64))
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    return stack, x
+    return stack.to(device), x.to(device)
 
 
 def ref_pre(stack, x, s):
@@ -56,8 +57,9 @@ def test_relu_forward_and_l1():
     torch.testing.assert_close(out.losses["total"], out.losses["recon"] + out.losses["sparsity"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("paths", ["ddd", "sss", "dsd", "sds", "ssd"])
-def test_relu_step_on_any_mix_of_paths_equals_the_dense_step(paths, monkeypatch):
+def test_relu_step_on_any_mix_of_paths_equals_the_dense_step(paths, device, monkeypatch):
     """Each relu member takes the dense or the sparse path; any mix (members in order or not)
     gives the codes, losses, L0, fired latents and every gradient (input included) of the
     all-dense step."""
@@ -67,7 +69,7 @@ def test_relu_step_on_any_mix_of_paths_equals_the_dense_step(paths, monkeypatch)
         monkeypatch.setattr(
             families.ReLUStack, "_sparse_members", lambda self, pre: [c == "s" for c in pattern]
         )
-        stack, x = make("relu", [{"sparsity_coeff": c} for c in (0.5, 2.0, 1.0)])
+        stack, x = make("relu", [{"sparsity_coeff": c} for c in (0.5, 2.0, 1.0)], device=device)
         with torch.no_grad():
             stack.b_enc.sub_(1.5)  # some tokens and latents inactive
             stack.b_enc[2, :4] = -50.0  # member 2: latents 0-3 never fire

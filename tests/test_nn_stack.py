@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from factories import DEVICES
 
 import saev.nn
 from saev.nn import sparse
@@ -17,8 +18,9 @@ def data(n=64, seed=0, d=D):
     return torch.randn(n, d, generator=g) * 2 + 1
 
 
-def run(family, members, steps, lrs, xs):
-    stack = saev.nn.make_stack(family, d_vit=D, d_sae=F, members=members).double()
+def run(family, members, steps, lrs, xs, device="cpu"):
+    stack = saev.nn.make_stack(family, d_vit=D, d_sae=F, members=members).double().to(device)
+    xs = [x.to(device) for x in xs]
     stack.init_from_data(xs[0])
     opt = saev.nn.StackAdam(stack, lr=lrs, max_grad_norm=0.5)
     stack.train()
@@ -58,14 +60,15 @@ FAMILY_MEMBERS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(FAMILY_MEMBERS))
-def test_stack_equals_members_trained_alone(family):
+def test_stack_equals_members_trained_alone(family, device):
     members = FAMILY_MEMBERS[family]
     lrs = [1e-2, 3e-3, 2e-2]
     xs = [data(32, seed=i) for i in range(4)]
-    together = run(family, members, 4, lrs, xs)
+    together = run(family, members, 4, lrs, xs, device)
     for i, member in enumerate(members):
-        alone = run(family, [member], 4, [lrs[i]], xs)
+        alone = run(family, [member], 4, [lrs[i]], xs, device)
         for (name, a), (_, b) in zip(
             alone.state_dict().items(), together.state_dict().items(), strict=True
         ):
@@ -91,21 +94,27 @@ def _grads(fn, params):
     return [p.grad.clone() for p in params]
 
 
+def _randn(g, *shape, device="cpu"):
+    """Float64 normals drawn on the CPU (the same numbers on any device), as a leaf on `device`."""
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ks", [(4, 4, 4), (1, 4, 2)], ids=["equal-k", "ragged-k"])
-def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks):
+def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks, device):
     """The sparse top-k path (ragged k per member) gives the dense path's values and gradients,
     for the parameters and for the input."""
     S, B, K = 3, 7, max(ks)
     g = torch.Generator().manual_seed(0)
-    W_dec = torch.randn(S, F, D, generator=g, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(S, D, generator=g, dtype=torch.float64, requires_grad=True)
-    W_enc = torch.randn(S, D, F, generator=g, dtype=torch.float64, requires_grad=True)
-    b_enc = torch.randn(S, F, generator=g, dtype=torch.float64, requires_grad=True)
-    xs = torch.randn(S, B, D, generator=g, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(S, B, D, generator=g, dtype=torch.float64)
+    W_dec = _randn(g, S, F, D, device=device)
+    b_dec = _randn(g, S, D, device=device)
+    W_enc = _randn(g, S, D, F, device=device)
+    b_enc = _randn(g, S, F, device=device)
+    xs = _randn(g, S, B, D, device=device)
+    target = _randn(g, S, B, D, device=device).detach()
     idx = torch.stack(
         [torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(B)]) for _ in range(S)]
-    )
+    ).to(device)
     params = [W_dec, b_dec, W_enc, b_enc, xs]
 
     def dense():
@@ -125,7 +134,8 @@ def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks):
     def positions_path():
         with torch.no_grad():
             pre = torch.baddbmm(b_enc[:, None], xs - b_dec[:, None], W_enc)
-        pos = [(idx[s, :, :k] + torch.arange(B)[:, None] * F).reshape(-1) for s, k in enumerate(ks)]
+        rows = torch.arange(B, device=device)[:, None] * F
+        pos = [(idx[s, :, :k] + rows).reshape(-1) for s, k in enumerate(ks)]
         layout = sparse.positions_layout(pos, B, F)
         vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout).relu()
         return ((sparse.decode(W_dec, b_dec, layout, vals) - target) ** 2).sum()
@@ -137,7 +147,7 @@ def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks):
         for got, ref in zip(_grads(fn, params), want, strict=True):
             torch.testing.assert_close(got, ref)
     # The decoder gradient touches only the active rows.
-    active = torch.zeros(S, F, dtype=torch.bool)
+    active = torch.zeros(S, F, dtype=torch.bool, device=device)
     for s, k in enumerate(ks):
         active[s, idx[s, :, :k].reshape(-1)] = True
     assert (want[0].abs().sum(-1)[~active] == 0).all()
@@ -145,23 +155,24 @@ def test_sparse_decode_and_encode_equal_dense_values_and_grads(ks):
     assert sparse.topk_layout(idx, ks, F).cols.numel() == B * sum(ks)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared_input", [False, True])
-def test_dense_encoder_and_decoder_products_equal_plain_autograd(shared_input):
+def test_dense_encoder_and_decoder_products_equal_plain_autograd(shared_input, device):
     """`sparse.dense_pre` (b_dec's gradient from the token sum) and `products.decode` (one GEMM
-    per member) give plain autograd's values and gradients, the input's included, for a stack
-    and for a non-consecutive subset of its members taken with `take_members`."""
+    per member on the CPU, a batched one on a GPU) give plain autograd's values and gradients,
+    the input's included, for a stack and for a non-consecutive subset of its members taken
+    with `take_members`."""
     from saev.nn import products
     from saev.nn.stack import take_members
 
     S, B = 3, 7
     g = torch.Generator().manual_seed(0)
-    W_dec = torch.randn(S, F, D, generator=g, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(S, D, generator=g, dtype=torch.float64, requires_grad=True)
-    W_enc = torch.randn(S, D, F, generator=g, dtype=torch.float64, requires_grad=True)
-    b_enc = torch.randn(S, F, generator=g, dtype=torch.float64, requires_grad=True)
-    xs = torch.randn(1 if shared_input else S, B, D, generator=g, dtype=torch.float64)
-    xs.requires_grad_(True)
-    target = torch.randn(S, B, D, generator=g, dtype=torch.float64)
+    W_dec = _randn(g, S, F, D, device=device)
+    b_dec = _randn(g, S, D, device=device)
+    W_enc = _randn(g, S, D, F, device=device)
+    b_enc = _randn(g, S, F, device=device)
+    xs = _randn(g, 1 if shared_input else S, B, D, device=device)
+    target = _randn(g, S, B, D, device=device).detach()
     params = [W_dec, b_dec, W_enc, b_enc, xs]
 
     def plain(members):
@@ -186,11 +197,12 @@ def test_dense_encoder_and_decoder_products_equal_plain_autograd(shared_input):
             torch.testing.assert_close(a, b)
 
 
-def test_layouts_are_valid_csr_with_sorted_columns():
+@pytest.mark.parametrize("device", DEVICES)
+def test_layouts_are_valid_csr_with_sorted_columns(device):
     """cuSPARSE needs ascending column indices within each CSR row; torch checks it for us."""
     g = torch.Generator().manual_seed(1)
     S, B = 3, 9
-    pre = torch.randn(S, B, F, generator=g)
+    pre = torch.randn(S, B, F, generator=g).to(device)
     layouts = [
         sparse.topk_layout(pre.topk(7, dim=-1).indices, [7, 2, 5], F),
         sparse.positions_layout(
@@ -198,13 +210,15 @@ def test_layouts_are_valid_csr_with_sorted_columns():
         ),
     ]
     for lay in layouts:
-        vals = torch.ones(lay.cols.numel())
+        vals = torch.ones(lay.cols.numel(), device=device)
         torch._validate_sparse_csr_tensor_args(lay.crow, lay.cols, vals, (S * B, S * F))
+        crow, cols = lay.crow.cpu(), lay.cols.cpu()
         for r in range(S * B):
-            cols = lay.cols[lay.crow[r] : lay.crow[r + 1]]
-            assert (cols[1:] > cols[:-1]).all()
-            assert (torch.div(cols, F, rounding_mode="floor") == r // B).all()  # block diagonal
-        assert torch.equal(lay.rows, torch.repeat_interleave(torch.arange(S * B), lay.crow.diff()))
+            row = cols[crow[r] : crow[r + 1]]
+            assert (row[1:] > row[:-1]).all()
+            assert (torch.div(row, F, rounding_mode="floor") == r // B).all()  # block diagonal
+        rows = torch.repeat_interleave(torch.arange(S * B), crow.diff())
+        assert torch.equal(lay.rows.cpu(), rows)
 
 
 def test_empty_rows_in_positions_decode():
