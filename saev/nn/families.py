@@ -99,8 +99,8 @@ class ReLUStack(Stack):
             active = (pre > 0).reshape(-1).nonzero().squeeze(1)
             layout = sparse.flat_layout(active, S, B, self.d_sae)
         vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout)
-        member = torch.div(layout.rows, B, rounding_mode="floor")
-        l1 = vals.new_zeros(S).index_add(0, member, vals) / B
+        # Each member's entries are one run of vals: summed in order, as index_add would.
+        l1 = torch.segment_reduce(vals, "sum", offsets=layout.member_ptr()) / B
         return Codes(S, B, self.d_sae, layout=layout, vals=vals), l1
 
     @torch.no_grad()
@@ -129,7 +129,7 @@ class TopKStack(Stack):
         (training, or an input that asks for its gradient)."""
         if torch.is_grad_enabled() and (self.W_enc.requires_grad or xs.requires_grad):
             return sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, layout)
-        return pre.reshape(-1)[layout.flat].to(self.W_dec.dtype)
+        return pre.reshape(-1).index_select(0, layout.flat).to(self.W_dec.dtype)
 
     def _topk_codes(self, xs: Tensor) -> tuple[Codes, Tensor]:
         S, B = xs.shape[:2]
@@ -157,7 +157,7 @@ class TopKStack(Stack):
             masked = pre.masked_fill(~dead[:, None, :], -math.inf)
             layout = sparse.topk_layout(sparse.top_sets(masked, ks)[1], ks, self.d_sae)
             # A member with fewer dead latents than k_aux also selected live ones: drop them.
-            valid = dead.reshape(-1)[layout.cols]
+            valid = dead.reshape(-1).index_select(0, layout.cols)
         vals = torch.relu(self._select(pre, xs, layout)) * valid
         resid = (xs - recon).detach()
         resid_hat = sparse.decode(self.W_dec, torch.zeros_like(self.b_dec), layout, vals)

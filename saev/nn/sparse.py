@@ -82,9 +82,10 @@ class Layout:
             else:
                 order = torch.argsort(self.cols, stable=True)
             ccol = torch.searchsorted(
-                self.cols[order], torch.arange(self.S * self.F + 1, device=self.cols.device)
+                self.cols.index_select(0, order),
+                torch.arange(self.S * self.F + 1, device=self.cols.device),
             )
-            self._by_col = (order, self.rows[order], ccol)
+            self._by_col = (order, self.rows.index_select(0, order), ccol)
         return self._by_col
 
     def row_sum(self, values: Tensor, M: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ class Layout:
             rows,
             M,
             ccol,
-            per_sample_weights=values[order].to(M.dtype),
+            per_sample_weights=values.index_select(0, order).to(M.dtype),
             mode="sum",
             include_last_offset=True,
         )
@@ -213,7 +214,7 @@ class _GatherPre(torch.autograd.Function):
         ctx.layout = layout
         # Under bfloat16 autocast `pre` comes from a bf16 matmul; the codes and everything
         # after them are float32 (the master weights' dtype).
-        return pre.reshape(-1)[layout.flat].to(W_enc.dtype)
+        return pre.reshape(-1).index_select(0, layout.flat).to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, g):
