@@ -112,7 +112,7 @@ def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.devic
     times, got = [], 0.0
     for sparse_below in (-1.0, float("inf")):  # never sparse; always sparse
         one = saev.nn.make_stack("relu", d_vit=args.d, d_sae=d_sae, members=[{}], device=device)
-        one.sparse_below = sparse_below
+        one.sparse_below = one.sparse_below_gpu = sparse_below  # forced, on any device
         with torch.no_grad():
             pre = one.pre_acts(one.scaled(x[:512]))
             one.b_enc.fill_(-float(torch.quantile(pre.flatten().float(), 1 - l0 / d_sae)))
