@@ -1,6 +1,8 @@
 """Each family's forward and losses against hand-written reference computations."""
 
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -341,6 +343,37 @@ def test_every_hparam_has_one_spec_and_its_defaults_fit_it():
             want = (list, tuple) if tp == tuple[float, ...] else tp
             assert isinstance(value, want), (family, key, value)
             assert saev.nn.check_hparams(family, {})[key] == value
+
+
+def _bracketed(text: str, start: int) -> str:
+    """The text inside the brackets that open at text[start], nested brackets included."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"[": 1, "]": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1 : i]
+    raise ValueError(f"unclosed bracket in {text!r}")
+
+
+def test_the_families_table_in_the_docs_gives_the_code_defaults():
+    """docs/families.md's table ("hyperparameters [default]") states each default that
+    `saev.nn.HPARAMS` holds: a changed default must change the table too."""
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "families.md").read_text()
+    rows = [line for line in doc.splitlines() if re.match(r"\| `[a-z-]+` \|", line)]
+    assert {re.match(r"\| `([a-z-]+)`", r).group(1) for r in rows} == set(saev.nn.FAMILIES)
+    checked = 0
+    for row in rows:
+        family = re.match(r"\| `([a-z-]+)`", row).group(1)
+        hparams = row.rstrip(" |").rsplit(" | ", 1)[1]
+        for m in re.finditer(r"`(\w+)`[^`\[]*\[", hparams):
+            text = _bracketed(hparams, m.end() - 1)
+            value = eval(text.replace("true", "True").replace("false", "False"), {})  # noqa: S307
+            want = saev.nn.HPARAMS[family][m.group(1)]
+            if isinstance(want, (list, tuple)):
+                value, want = list(value), list(want)
+            assert value == pytest.approx(want), (family, m.group(1), value, want)
+            checked += 1
+    assert checked >= 20
 
 
 @pytest.mark.parametrize("family", saev.nn.FAMILIES)
