@@ -14,6 +14,7 @@ the reconstruction loss, dead-latent counters and the decoder-norm constraint.
 
 import abc
 import dataclasses
+import functools
 import math
 import typing
 
@@ -143,7 +144,12 @@ class StackOutput:
     codes: Codes
     x_hat: Tensor  # [S, B, d] raw units
     losses: dict[str, Tensor]  # each [S]
-    l0: Tensor  # [S]
+
+    @functools.cached_property
+    def l0(self) -> Tensor:
+        """[S] mean active latents per token. Computed when first asked for (training logs it
+        every `log_every` steps; a dense code's count is a pass over [S, B, d_sae])."""
+        return self.codes.l0()
 
     @property
     def f(self) -> Tensor:
@@ -347,7 +353,7 @@ class Stack(nn.Module, abc.ABC):
         if train:
             self._count_fired(codes)
         x_hat = recon / self.scale[:, None, None].to(recon.dtype)
-        return StackOutput(codes=codes, x_hat=x_hat, losses=out, l0=codes.l0())
+        return StackOutput(codes=codes, x_hat=x_hat, losses=out)
 
     @torch.no_grad()
     def _count_fired(self, codes: Codes) -> None:
