@@ -53,8 +53,8 @@ def test_vsae_inference_on_cuda_equals_the_cpu(family):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_saev_train_and_evaluate_on_cuda(tmp_path, dtype):
     """`saev train --device cuda` (pinned host batches, non-blocking copies, the sparse kernels)
-    trains a sweep of two families whose FVU is the CPU run's; the checkpoints load on the CPU
-    and `evaluate` on CUDA scores them as training did."""
+    trains a topk SAE whose FVU is the CPU run's to 5%; its checkpoint loads on the CPU, and
+    `evaluate` on CUDA scores it as training did."""
     shards = tiny_shards(tmp_path / "shards")
     runs = {}
     for device in ("cpu", "cuda"):
