@@ -12,6 +12,7 @@ bfloat16 step over the float32 one (want <= 0.9).
 
     python benchmarks/sae_step.py                # full sizes: d=768, widths 8x,16x, k=32, batch 4096, S 1,4,16 (GPU)
     python benchmarks/sae_step.py --quick        # small sizes that finish in minutes on a CPU
+    python benchmarks/sae_step.py --S 1 --widths 8 --relu-l0 --profile 5   # where a topk step's time goes
 """
 
 import argparse
@@ -122,6 +123,37 @@ def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.devic
     return times[0], times[1], got
 
 
+def profile_topk_step(args, d_sae: int, x: torch.Tensor, device: torch.device) -> None:
+    """torch.profiler's table of `args.profile` float32 topk steps of one SAE, by self time on the
+    device that runs them (on a GPU also the host's table: there a small step waits on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one = saev.nn.make_stack(
+        "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
+    )
+    opt = saev.nn.StackAdam(one, lr=1e-4)
+    for _ in range(3):
+        sparse_step(one, opt, x)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(args.profile):
+            sparse_step(one, opt, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages(group_by_input_shape=True)
+    keys = (
+        ["self_cuda_time_total", "self_cpu_time_total"]
+        if device.type == "cuda"
+        else ["self_cpu_time_total"]
+    )
+    for key in keys:
+        print(f"  {args.profile} topk steps, {d_sae} latents, by {key}:")
+        print(table.table(sort_by=key, row_limit=20, max_name_column_width=40))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,6 +174,9 @@ def main() -> None:
         nargs="*",
         default=[16, 64, 256, 512, 1024],
         help="L0s at which to time a relu step with dense products vs the sparse path",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="also profile N topk steps per width"
     )
     args = parser.parse_args()
     if args.quick:
@@ -171,6 +206,8 @@ def main() -> None:
             f" ratio {t_step / t_mm:.2f}; bfloat16 step {t_bf16 * 1e3:.1f} ms,"
             f" bf16/fp32 {t_bf16 / t_step:.2f}"
         )
+        if args.profile:
+            profile_topk_step(args, width * args.d, x, device)
         for l0 in args.relu_l0:
             t_dense, t_sparse, got = bench_relu(args, width * args.d, l0, x, device)
             print(
