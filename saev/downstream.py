@@ -29,6 +29,7 @@ import typing
 from collections.abc import Callable
 
 import numpy as np
+import PIL.Image
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from saev.errors import UserError
 from saev.images import ImageDataset, ImageList
+from saev.recorded import recorded
 from saev.shards import Shards, Tokens
 from saev.vits import Vit, make_recorded_vit, splice
 
@@ -184,13 +186,40 @@ def layer_mean(
     return torch.from_numpy(mean).float()
 
 
+@dataclasses.dataclass
+class _Rows:
+    """Image j of a subset of a recording's images: `opener(rows[j])`. Picklable (loader
+    workers) when the opener is, as `saev.images.hf.Reader` is."""
+
+    opener: Callable[[int], PIL.Image.Image]
+    rows: list[int]
+
+    def __call__(self, j: int) -> PIL.Image.Image:
+        return self.opener(self.rows[j])
+
+    def sizes(self) -> list[int]:
+        raise NotImplementedError("downstream never asks for image sizes")
+
+
 def image_files(
     shards: Shards, imgs: Int[np.ndarray, " n"], root: pathlib.Path | None
 ) -> ImageList:
-    """The image files of `imgs`, through the shards' images.csv; UserError when they are not
-    where the recording (or `--images.root`) says."""
+    """The images `imgs` of the recording, in that order: files through the shards'
+    images.csv, or rows of the Hugging Face dataset an `images:hf` recording read (reopened as
+    `saev visuals` does); UserError when they are not where the recording (or `--images.root`)
+    says."""
     index = shards.images
     data = shards.md.data if isinstance(shards.md.data, dict) else {}
+    if data.get("kind") == "hf":
+        rec = recorded(shards, root)
+        rows = imgs.tolist()
+        return ImageList(
+            root=pathlib.Path(root or data.get("root") or data.get("name")),
+            paths=[index.path(i) for i in rows],
+            labels={},
+            data=data,
+            reader=_Rows(rec.opener, rows),
+        )
     if root is None:
         if not data.get("root"):
             raise UserError(

@@ -141,6 +141,13 @@ def _files(shards, index, data: dict, root: pathlib.Path | None) -> Recorded:
 def _hf_rows(shards, index, data: dict, root: pathlib.Path | None) -> Recorded:
     """A recording of `images:hf`: image i is row i of the split, reopened from --images.root
     (a save_to_disk directory), else from where it was recorded (directory or Hub cache)."""
+    if root is not None and not pathlib.Path(root).is_dir():
+        raise UserError(f"--images.root {root}: no such directory.")
+    if root is None and data.get("root") and not pathlib.Path(data["root"]).is_dir():
+        raise UserError(
+            f"{data['root']} (the dataset recorded in {shards.root / 'metadata.json'}): no such "
+            "directory; pass --images.root, the save_to_disk directory where it is now."
+        )
     name = str(root) if root is not None else (data.get("root") or data.get("name"))
     ds, _ = hf.open_dataset(name, data.get("split", "train"))
     if len(ds) != shards.n_imgs:

@@ -14,7 +14,7 @@ from saev.__main__ import run
 from saev.activations import Config as RecordConfig
 from saev.activations import record
 from saev.errors import UserError
-from saev.images import Demo
+from saev.images import HF, Demo
 from saev.shards import Shards
 from saev.shards.shuffled import split_images
 from saev.vits import make_vit
@@ -189,6 +189,48 @@ def test_missing_images_name_the_flag(ckpts, tmp_path, capsys):
     (doc,) = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("*/evaluation.json")]
     ds = doc["downstream"]
     assert (ds["n_imgs"], ds["n_skipped"]) == (1, 1) and ds["acts_rel_err"] < 1e-5
+
+
+def test_downstream_reopens_the_rows_of_an_hf_recording(tmp_path, capsys):
+    """images:hf images are dataset rows, not files: downstream reads the held-out rows back
+    from the save_to_disk directory (recorded, or moved and named by --images.root)."""
+    datasets = pytest.importorskip("datasets")
+    import PIL.Image
+
+    demo = Demo(root=tmp_path / "imgs", n_imgs=N_IMGS, size=32).load()
+    rows = {"image": [PIL.Image.open(demo.root / p) for p in demo.paths]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    cfg = RecordConfig(
+        vit_family="timm",
+        vit_ckpt="test_vit",
+        vit_layers=[LAYER],
+        random_weights=True,
+        images=HF(name=str(tmp_path / "hf")),
+        dump_to=tmp_path / "dump",
+        batch_size=N_IMGS,
+        n_workers=0,
+        device="cpu",
+        seed=42,
+    )
+    shards = Shards(record(cfg))
+    stack = saev.nn.make_stack("topk", d_vit=64, d_sae=64, members=[{"k": 8}])
+    stack.init_from_data(train_tokens(shards, LAYER, slice(1, None)))
+    path = save(stack, 0, tmp_path / "sae", shards, LAYER)
+    argv = ["evaluate", "--ckpt", str(path), "--out", str(tmp_path / "o"), "--downstream"]
+    argv += ["--downstream.n-workers", "0"]
+    assert run(argv) == 0
+    doc = json.loads((tmp_path / "o" / "sae" / "evaluation.json").read_text())["downstream"]
+    assert (doc["n_imgs"], doc["n_skipped"]) == (4, 0) and doc["acts_rel_err"] < 1e-5
+    assert doc["error_term"]["kl"] == 0.0 and doc["error_term"]["top1_agreement"] == 1.0
+    shutil.move(tmp_path / "hf", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "o")
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'hf'} (the dataset recorded in ") and "\n" not in err
+    assert err.endswith("pass --images.root, the save_to_disk directory where it is now.")
+    assert run([*argv, "--images.root", str(tmp_path / "moved")]) == 0
+    moved = json.loads((tmp_path / "o" / "sae" / "evaluation.json").read_text())["downstream"]
+    assert moved["kl"] == doc["kl"] and moved["acts_rel_err"] == doc["acts_rel_err"]
 
 
 def test_downstream_flags_need_downstream(ckpts, tmp_path, capsys):
