@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from saev.errors import UserError
 from saev.images import ImageDataset, ImageList
+from saev.images.common import Reader
 from saev.recorded import recorded
 from saev.shards import Shards, Tokens
 from saev.vits import Vit, make_recorded_vit, splice
@@ -188,17 +189,18 @@ def layer_mean(
 
 @dataclasses.dataclass
 class _Rows:
-    """Image j of a subset of a recording's images: `opener(rows[j])`. Picklable (loader
-    workers) when the opener is, as `saev.images.hf.Reader` is."""
+    """Image j of a subset of a recording's images: `reader(rows[j])`. Picklable (loader
+    workers) when the reader is, as `saev.images.hf.Reader` is."""
 
-    opener: Callable[[int], PIL.Image.Image]
+    reader: Reader
     rows: list[int]
 
     def __call__(self, j: int) -> PIL.Image.Image:
-        return self.opener(self.rows[j])
+        return self.reader(self.rows[j])
 
     def sizes(self) -> list[int]:
-        raise NotImplementedError("downstream never asks for image sizes")
+        every = self.reader.sizes()
+        return [every[i] for i in self.rows]
 
 
 def image_files(
