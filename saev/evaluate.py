@@ -78,7 +78,10 @@ class Metrics:
         cos = torch.nn.functional.cosine_similarity(x64[None], x_hat64, dim=-1, eps=1e-12)
         self.sum_cos += cos.sum(dim=1)
 
-        active = f.detach() != 0
+        # Counted in float32: exact (integers below 2^24), and float sums over [S, B, d_sae] are
+        # several times faster than bool ones on the CPU (this update for 4,096 tokens x 6,144
+        # latents: 207 -> 120 ms; the encoder matmul of the same batch takes ~200 ms).
+        active = (f.detach() != 0).to(torch.float32)
         self.fired += active.sum(dim=1).to("cpu", torch.int64)
         l0 = active.sum(dim=2).to("cpu", torch.int64)  # [S, batch]
         self.l0_hist.scatter_add_(1, l0, torch.ones_like(l0))
