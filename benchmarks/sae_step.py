@@ -13,6 +13,7 @@ bfloat16 step over the float32 one (want <= 0.9).
     python benchmarks/sae_step.py                # full sizes: d=768, widths 8x,16x, k=32, batch 4096, S 1,4,16 (GPU)
     python benchmarks/sae_step.py --quick        # small sizes that finish in minutes on a CPU
     python benchmarks/sae_step.py --S 1 --widths 8 --relu-l0 --profile 5   # where a topk step's time goes
+    python benchmarks/sae_step.py --d 64 --widths 8 --S 1 --relu-l0 --relu-sweep 204 133 34 11 3
 """
 
 import argparse
@@ -123,6 +124,24 @@ def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.devic
     return times[0], times[1], got
 
 
+def bench_relu_sweep(args, d_sae: int, x: torch.Tensor, device: torch.device):
+    """Seconds per step of one relu stack whose members sit at the L0s of `args.relu_sweep`
+    (a λ sweep after warm-up: each member on the path it chooses itself), the L0s reached and
+    the paths chosen."""
+    members = [{"seed": i} for i in range(len(args.relu_sweep))]
+    stack = saev.nn.make_stack("relu", d_vit=args.d, d_sae=d_sae, members=members, device=device)
+    with torch.no_grad():
+        pre = stack.pre_acts(stack.scaled(x[:512]))
+        for s, l0 in enumerate(args.relu_sweep):
+            q = torch.quantile(pre[s].flatten().float(), 1 - l0 / d_sae)
+            stack.b_enc[s] -= q
+        pre = stack.pre_acts(stack.scaled(x))
+        got = (pre > 0).sum(-1).float().mean(-1).tolist()
+        paths = ["sparse" if p else "dense" for p in stack._sparse_members(pre)]
+    opt = saev.nn.StackAdam(stack, lr=1e-8)  # tiny steps: the L0s stay where they were set
+    return timed(lambda: sparse_step(stack, opt, x), args.iters, device), got, paths
+
+
 def profile_topk_step(args, d_sae: int, x: torch.Tensor, device: torch.device) -> None:
     """torch.profiler's table of `args.profile` float32 topk steps of one SAE, by self time on the
     device that runs them (on a GPU also the host's table: there a small step waits on the host)."""
@@ -176,6 +195,14 @@ def main() -> None:
         help="L0s at which to time a relu step with dense products vs the sparse path",
     )
     parser.add_argument(
+        "--relu-sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="L0",
+        help="also time one relu stack with a member at each of these L0s (e.g. 204 133 34 11 3)",
+    )
+    parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="also profile N topk steps per width"
     )
     args = parser.parse_args()
@@ -214,6 +241,13 @@ def main() -> None:
                 f"  width {width}x relu at L0 {got:6.0f} ({got / (width * args.d):6.1%} active):"
                 f" dense {t_dense * 1e3:7.1f} ms, sparse {t_sparse * 1e3:7.1f} ms,"
                 f" dense/sparse {t_dense / t_sparse:5.2f}"
+            )
+        if args.relu_sweep:
+            t_sweep, got, paths = bench_relu_sweep(args, width * args.d, x, device)
+            print(
+                f"  width {width}x relu stack of {len(got)} at L0 "
+                + ", ".join(f"{g:.0f} ({p})" for g, p in zip(got, paths, strict=True))
+                + f": {t_sweep * 1e3:.1f} ms per step"
             )
     print(
         "stack/loop, sparse/loop: > 1 means faster than the loop. ratio: topk step / float32"
