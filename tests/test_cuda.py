@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from factories import tiny_shards
-from test_nn_stack import FAMILY_MEMBERS, data, run
+from test_nn_stack import FAMILY_MEMBERS, data, four_float32_steps, run
 
 import saev.nn
 from saev.evaluate import evaluate_ckpts
@@ -112,21 +112,13 @@ def test_a_cuda_training_run_repeats_bit_for_bit(family, monkeypatch):
         family, members = "relu", [{"sparsity_coeff": c} for c in (0.05, 0.1, 0.4)]
     else:
         members = [{"k": k, "dead_after_tokens": 1024, "k_aux": 64} for k in (4, 8, 16)]
-    d, f, b = 64, 1024, 1024
+    f, b = 1024, 1024
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(4 * b, d, generator=g) * 3 + 1).cuda()
+    x = (torch.randn(4 * b, 64, generator=g) * 3 + 1).cuda()
 
-    def train_once():
-        stack = saev.nn.make_stack(family, d_vit=d, d_sae=f, members=members, device="cuda")
-        stack.init_from_data(x)
-        opt = saev.nn.StackAdam(stack, lr=1e-2, max_grad_norm=0.5)
-        for i in range(4):
-            out = stack(x[i * b : (i + 1) * b])
-            opt.zero_grad()
-            out.losses["total"].sum().backward()
-            opt.step(out.losses["total"].detach())
-        return stack.state_dict()
-
-    first, second = train_once(), train_once()
+    first, second = (
+        four_float32_steps(family, members, x, d_sae=f, batch=b, device="cuda").state_dict()
+        for _ in range(2)
+    )
     for name in first:
         assert torch.equal(first[name], second[name]), name

@@ -428,6 +428,22 @@ def test_a_tie_at_a_members_boundary_keeps_the_lowest_index_in_any_stack():
         assert torch.equal(alone[0, 0, :k].sort().values, together[0, 0, :k].sort().values)
 
 
+def four_float32_steps(family, members, x, *, d_sae, batch, device="cpu"):
+    """A stack initialised from x and trained for four float32 steps on its first 4 * batch
+    rows (lr 1e-2, clipping at 0.5): what the bit-identity tests compare."""
+    stack = saev.nn.make_stack(
+        family, d_vit=x.shape[1], d_sae=d_sae, members=members, device=device
+    )
+    stack.init_from_data(x)
+    opt = saev.nn.StackAdam(stack, lr=1e-2, max_grad_norm=0.5)
+    for i in range(4):
+        out = stack(x[i * batch : (i + 1) * batch])
+        opt.zero_grad()
+        out.losses["total"].sum().backward()
+        opt.step(out.losses["total"].detach())
+    return stack
+
+
 @pytest.mark.parametrize(
     "family", ["topk", "batchtopk", "relu-dense", "relu-sparse", "relu-mixed", "relu"]
 )
@@ -461,20 +477,9 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
     else:
         members = [{"k": k, "seed": 0, "dead_after_tokens": b, "k_aux": 64} for k in (4, 8, 16)]
 
-    def train(members):
-        stack = saev.nn.make_stack(family, d_vit=d, d_sae=f, members=members)
-        stack.init_from_data(x)
-        opt = saev.nn.StackAdam(stack, lr=1e-2, max_grad_norm=0.5)
-        for i in range(4):
-            out = stack(x[i * b : (i + 1) * b])
-            opt.zero_grad()
-            out.losses["total"].sum().backward()
-            opt.step(out.losses["total"].detach())
-        return stack
-
-    together = train(members)
+    together = four_float32_steps(family, members, x, d_sae=f, batch=b)
     for i, member in enumerate(members):
-        alone = train([member])
+        alone = four_float32_steps(family, [member], x, d_sae=f, batch=b)
         for (name, a), (_, t) in zip(
             alone.state_dict().items(), together.state_dict().items(), strict=True
         ):
