@@ -108,6 +108,16 @@ def bench_matmul_ratio(
     return t_mm, t_step, t_bf16
 
 
+@torch.no_grad()
+def place_l0(stack: saev.nn.Stack, l0s: list[float], x: torch.Tensor) -> list[float]:
+    """Shift each member's encoder bias so that about l0s[s] latents per token are active (a
+    quantile of its pre-activations on 512 tokens); returns the L0s reached on all of x."""
+    pre = stack.pre_acts(stack.scaled(x[:512]))
+    for s, l0 in enumerate(l0s):
+        stack.b_enc[s] -= torch.quantile(pre[s].flatten().float(), 1 - l0 / stack.d_sae)
+    return (stack.pre_acts(stack.scaled(x)) > 0).sum(-1).float().mean(-1).tolist()
+
+
 def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.device):
     """Seconds per relu step (one SAE) with dense products and with the sparse path, the bias
     set so that `l0` latents per token are active; and the L0 reached."""
@@ -115,10 +125,7 @@ def bench_relu(args, d_sae: int, l0: float, x: torch.Tensor, device: torch.devic
     for sparse_below in (-1.0, float("inf")):  # never sparse; always sparse
         one = saev.nn.make_stack("relu", d_vit=args.d, d_sae=d_sae, members=[{}], device=device)
         one.sparse_below = one.sparse_below_gpu = sparse_below  # forced, on any device
-        with torch.no_grad():
-            pre = one.pre_acts(one.scaled(x[:512]))
-            one.b_enc.fill_(-float(torch.quantile(pre.flatten().float(), 1 - l0 / d_sae)))
-            got = float((one.pre_acts(one.scaled(x)) > 0).sum(-1).float().mean())
+        (got,) = place_l0(one, [l0], x)
         opt = saev.nn.StackAdam(one, lr=1e-8)  # tiny steps: the L0 stays where it was set
         times.append(timed(lambda one=one, opt=opt: sparse_step(one, opt, x), args.iters, device))
     return times[0], times[1], got
@@ -130,14 +137,10 @@ def bench_relu_sweep(args, d_sae: int, x: torch.Tensor, device: torch.device):
     the paths chosen."""
     members = [{"seed": i} for i in range(len(args.relu_sweep))]
     stack = saev.nn.make_stack("relu", d_vit=args.d, d_sae=d_sae, members=members, device=device)
+    got = place_l0(stack, args.relu_sweep, x)
     with torch.no_grad():
-        pre = stack.pre_acts(stack.scaled(x[:512]))
-        for s, l0 in enumerate(args.relu_sweep):
-            q = torch.quantile(pre[s].flatten().float(), 1 - l0 / d_sae)
-            stack.b_enc[s] -= q
-        pre = stack.pre_acts(stack.scaled(x))
-        got = (pre > 0).sum(-1).float().mean(-1).tolist()
-        paths = ["sparse" if p else "dense" for p in stack._sparse_members(pre)]
+        sparse = stack._sparse_members(stack.pre_acts(stack.scaled(x)))
+    paths = ["sparse" if p else "dense" for p in sparse]
     opt = saev.nn.StackAdam(stack, lr=1e-8)  # tiny steps: the L0s stay where they were set
     return timed(lambda: sparse_step(stack, opt, x), args.iters, device), got, paths
 
