@@ -510,3 +510,59 @@ def test_top_sets_over_whole_batches_breaks_ties_the_same_way():
     vals, idx = sparse.top_sets(values, [2, 3])
     assert idx[0, :2].tolist() == [0, 2] and vals[0, :2].tolist() == [3.0, 3.0]
     assert sorted(idx[1].tolist()) == [0, 3, 4] and vals[1].tolist() == [2.0, 2.0, 1.0]
+
+
+def test_largest_gives_torch_topks_values_through_its_prefilter(monkeypatch):
+    """Rows long enough for the block-max prefilter: the values are torch.topk's bit for bit and
+    the indices point at them; rows it must not handle (NaN, -inf, all equal) fall back."""
+    widths = []
+    topk = torch.Tensor.topk
+    monkeypatch.setattr(
+        torch.Tensor, "topk", lambda t, *a, **kw: widths.append(t.shape[-1]) or topk(t, *a, **kw)
+    )
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        v = torch.randn(2, 300, 4096, generator=g, dtype=dtype)
+        ties = (v * 20).round()  # values repeat often, even among the largest
+        for values, m in [(v, 33), (v, 5), (ties, 17), (v[0], 64), (v, 65)]:  # 65: blocks of 16
+            widths.clear()
+            vals, idx = sparse.largest(values, m)
+            assert widths[-1] < 4096 // 4, "the prefilter was not used"
+            assert torch.equal(vals, values.topk(m, dim=-1).values)
+            assert torch.equal(values.gather(-1, idx), vals)
+            assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct latents
+        for bad in ("nan", "-inf", "equal"):
+            w = v.clone()
+            w[1, 7] = {"nan": float("nan"), "-inf": -math.inf, "equal": 1.0}[bad]
+            if bad == "-inf":
+                w[1, 7, :10] = 0.0  # fewer than m finite entries in the row
+            widths.clear()
+            vals, idx = sparse.largest(w, 33)
+            assert widths[-1] == 4096, bad  # the whole tensor went to torch.topk
+            assert torch.equal(vals.nan_to_num(), w.topk(33, dim=-1).values.nan_to_num())
+
+
+def test_top_sets_on_long_rows_with_ties_match_a_brute_force_choice():
+    """As above, on rows long enough for `largest`'s prefilter (ties among the largest)."""
+    g = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 600, (3, 40, 2048), generator=g).float()
+    ks = [2, 16, 9]
+    vals, idx = sparse.top_sets(values, ks)
+    for s, k in enumerate(ks):
+        for b in range(values.shape[1]):
+            row = values[s, b].tolist()
+            want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+            assert sorted(idx[s, b, :k].tolist()) == sorted(want), (s, b)
+            assert vals[s, b, :k].tolist() == sorted((row[i] for i in want), reverse=True)
+
+
+def test_squared_errors_gradient_is_autograds_bit_for_bit():
+    g = torch.Generator().manual_seed(2)
+    xs = torch.randn(3, 37, 8, generator=g, requires_grad=True)
+    recon = torch.randn(3, 37, 8, generator=g, requires_grad=True)
+    weights = torch.tensor([0.3, 1.7, 5.0])
+    got = saev.nn.stack.squared_error(xs, recon)
+    gx, gr = torch.autograd.grad((got * weights).sum(), (xs, recon))
+    want = (xs - recon).pow(2).sum(-1).mean(-1)
+    wx, wr = torch.autograd.grad((want * weights).sum(), (xs, recon))
+    assert torch.equal(got, want) and torch.equal(gx, wx) and torch.equal(gr, wr)

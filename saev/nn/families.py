@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saev.nn import sparse
-from saev.nn.stack import Codes, Stack, member_variances, take_members
+from saev.nn.stack import Codes, Stack, member_variances, squared_error, take_members
 
 
 def l1_coeff(stack: Stack, warm: Tensor) -> Tensor:
@@ -236,10 +236,9 @@ class MatryoshkaStack(BatchTopKStack):
         return codes, {}, pre
 
     def _recon_loss(self, xs, codes, recon):
-        loss = (xs - recon).pow(2).sum(-1).mean(-1)
+        loss = squared_error(xs, recon)
         for n in self._prefixes()[:-1]:  # the last prefix is all latents: `loss` already
-            part = self.decode_codes(codes.masked(n))
-            loss = loss + (xs - part).pow(2).sum(-1).mean(-1)
+            loss = loss + squared_error(xs, self.decode_codes(codes.masked(n)))
         return loss
 
 

@@ -126,6 +126,69 @@ class Layout:
             return torch.sparse.sampled_addmm(mask, A, Bt.t(), beta=0.0).values()
 
 
+def _prefilter_block(n: int, m: int) -> int | None:
+    """Entries per block for `largest` on rows of n entries, or None where torch.topk alone is
+    faster. Measured on a 2-core CPU over N 512-24,576 and m 5-129 (4,096 rows): blocks of 32
+    pay from N 2,048 while m*64 <= N; blocks of 16 where m*32 <= N from N 3,072; neither for
+    shorter rows, whose torch.topk takes a few ms."""
+    if n >= 2048 and n % 32 == 0 and m * 64 <= n:
+        return 32
+    if n >= 3072 and n % 16 == 0 and m * 32 <= n:
+        return 16
+    return None
+
+
+def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The m largest entries of every row of `values` ([..., N]), descending: (values, indices),
+    each [..., m]. The values are torch.topk's, bit for bit; of several equal values, which
+    indices it returns may differ (top_sets settles ties at the members' boundaries itself).
+
+    On the CPU, torch.topk keeps a heap of pairs per row in scalar code: 36 ms of a 290 ms
+    topk step at d_sae 6,144, k 32, batch 4,096. A block-max prefilter finds the same entries
+    in 19 ms: cut each row into blocks, take the m largest block maxima; their smallest, t, has
+    at least m entries at or above it (those maxima), so each of the row's m largest is >= t,
+    and lies in one of those m blocks (an entry of another block is <= its block's max <= t).
+    Only the entries >= t of those blocks (a few more than m on continuous data) go to a final
+    torch.topk. A row where that count is not small (many equal values), NaN (t is NaN and
+    nothing passes) or -inf (masked entries, not to be told from the padding) sends the whole
+    tensor to torch.topk; so do GPUs, where torch.topk is fast already, bfloat16 (slower this
+    way on the CPU: its rows tie often, its passes are slow) and short rows (`_prefilter_block`).
+    """
+    n = values.shape[-1]
+    size = _prefilter_block(n, m)
+    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+        size = None
+    if size is None:
+        top = values.topk(m, dim=-1)
+        return top.values, top.indices
+    shape = values.shape[:-1]
+    v = values.reshape(-1, n)
+    R, nb = v.shape[0], n // size
+    blocks = v.reshape(R * nb, size)
+    tops = blocks.amax(-1).view(R, nb).topk(m, dim=-1, sorted=False)
+    t = tops.values.amin(-1, keepdim=True)
+    chosen = (tops.indices + torch.arange(R)[:, None] * nb).view(-1)
+    cand = blocks.index_select(0, chosen).view(R, m * size)
+    # Pack each row's passing entries (flat positions into cand, ascending) into [R, width].
+    pos = (cand >= t).view(-1).nonzero().squeeze(1)
+    row = pos.div(m * size, rounding_mode="floor")
+    start = torch.searchsorted(row, torch.arange(R + 1))
+    count = start[1:] - start[:-1]
+    lo, width = (int(c) for c in count.aminmax())
+    if lo < m or width > n // 4 or not bool(t.min() > -math.inf):
+        top = values.topk(m, dim=-1)
+        return top.values, top.indices
+    dest = row * width + (torch.arange(pos.numel()) - start.index_select(0, row))
+    packed = v.new_full((R * width,), -math.inf)
+    packed.index_put_((dest,), cand.view(-1).index_select(0, pos))
+    block = pos.div(size, rounding_mode="floor")  # which of the R*m chosen blocks
+    latent = tops.indices.view(-1).index_select(0, block) * size + (pos - block * size)
+    where = torch.zeros(R * width, dtype=torch.long).index_put_((dest,), latent)
+    top = packed.view(R, width).topk(m, dim=-1)
+    idx = where.view(R, width).gather(-1, top.indices)
+    return top.values.view(*shape, m), idx.view(*shape, m)
+
+
 def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
     """The largest entries of every row of `values` ([S, ..., N]), for member s the first ks[s]
     of its rows: (values, indices), each [S, ..., max(ks)], descending.
@@ -145,8 +208,7 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
         top = values.topk(kmax, dim=-1)
         return top.values, top.indices
     # One extra entry shows whether the value at a boundary continues past it.
-    top = values.topk(min(kmax + 1, n), dim=-1)
-    vals, idx = top.values, top.indices
+    vals, idx = largest(values, min(kmax + 1, n))
     for s, k in enumerate(ks):
         if k >= n:
             continue

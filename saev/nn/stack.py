@@ -63,6 +63,29 @@ def take_members(t: Tensor, members: typing.Sequence[int]) -> Tensor:
     return t.index_select(0, torch.tensor(members, device=t.device))
 
 
+class _SquaredError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, recon):
+        diff = xs - recon
+        ctx.save_for_backward(diff)
+        return diff.pow(2).sum(-1).mean(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (diff,) = ctx.saved_tensors
+        # Autograd of the expression gives (g/B) * (2*diff) in four passes over [S, B, d] (pow's
+        # backward, two products, a negation); the same products, rounded the same, in one.
+        grad = diff * (2 * (g / diff.shape[1]))[:, None, None]
+        grad_recon = -grad if ctx.needs_input_grad[1] else None
+        return (grad if ctx.needs_input_grad[0] else None), grad_recon
+
+
+def squared_error(xs: Tensor, recon: Tensor) -> Tensor:
+    """[S] each member's mean over tokens of ||xs - recon||² (xs, recon [S, B, d]), with a
+    gradient equal bit for bit to autograd's of `(xs - recon).pow(2).sum(-1).mean(-1)`."""
+    return _SquaredError.apply(xs, recon)
+
+
 @dataclasses.dataclass
 class Codes:
     """One batch's codes: dense `f` [S, B, F], or sparse `vals` [nnz] at the positions of a
@@ -142,8 +165,15 @@ def _decode(W_dec: Tensor, b_dec: Tensor, codes: Codes) -> Tensor:
 @dataclasses.dataclass
 class StackOutput:
     codes: Codes
-    x_hat: Tensor  # [S, B, d] raw units
+    recon: Tensor  # [S, B, d] in the scaled space
+    scale: Tensor  # [S] the stored input scale s
     losses: dict[str, Tensor]  # each [S]
+
+    @functools.cached_property
+    def x_hat(self) -> Tensor:
+        """[S, B, d] reconstruction in raw units (differentiable). Computed when first asked for:
+        training reads it only when it logs."""
+        return self.recon / self.scale[:, None, None].to(self.recon.dtype)
 
     @functools.cached_property
     def l0(self) -> Tensor:
@@ -326,7 +356,7 @@ class Stack(nn.Module, abc.ABC):
         return _decode(self.W_dec, self.b_dec, codes)
 
     def _recon_loss(self, xs: Tensor, codes: Codes, recon: Tensor) -> Tensor:
-        return (xs - recon).pow(2).sum(-1).mean(-1)
+        return squared_error(xs, recon)
 
     def _aux_loss(self, xs: Tensor, recon: Tensor, ctx: typing.Any) -> Tensor | None:
         return None
@@ -352,8 +382,7 @@ class Stack(nn.Module, abc.ABC):
         out["total"] = out["recon"] + out["sparsity"] + out["aux"] + out["kl"]
         if train:
             self._count_fired(codes)
-        x_hat = recon / self.scale[:, None, None].to(recon.dtype)
-        return StackOutput(codes=codes, x_hat=x_hat, losses=out)
+        return StackOutput(codes=codes, recon=recon, scale=self.scale, losses=out)
 
     @torch.no_grad()
     def _count_fired(self, codes: Codes) -> None:
