@@ -14,6 +14,7 @@ bfloat16 step over the float32 one (want <= 0.9).
     python benchmarks/sae_step.py --quick        # small sizes that finish in minutes on a CPU
     python benchmarks/sae_step.py --S 1 --widths 8 --relu-l0 --profile 5   # where a topk step's time goes
     python benchmarks/sae_step.py --d 64 --widths 8 --S 1 --relu-l0 --relu-sweep 204 133 34 11 3
+    python benchmarks/sae_step.py --d 384 --widths 8 --S 1 --relu-l0 --also batchtopk matryoshka
 """
 
 import argparse
@@ -99,13 +100,28 @@ def bench_matmul_ratio(
     )
     opt = saev.nn.StackAdam(one, lr=1e-4)
     xs = x[None]
+    # Into one buffer: a fresh [B, d_sae] output each call is paged in anew until the allocator
+    # settles (+20% on this CPU, more after a big allocation elsewhere), which would flatter
+    # the ratio; the step itself runs with its buffers reused, as thousands of steps do.
+    buf = torch.empty(1, x.shape[0], d_sae, device=device)
     with torch.no_grad():
         t_mm = timed(
-            lambda: torch.baddbmm(one.b_enc[:, None, :], xs, one.W_enc), args.iters, device
+            lambda: torch.baddbmm(one.b_enc[:, None, :], xs, one.W_enc, out=buf),
+            args.iters,
+            device,
         )
     t_step = timed(lambda: sparse_step(one, opt, x), args.iters, device)
     t_bf16 = timed(lambda: sparse_step(one, opt, x, bf16=True), args.iters, device)
     return t_mm, t_step, t_bf16
+
+
+def bench_family_step(args, family: str, d_sae: int, x: torch.Tensor, device: torch.device):
+    """Seconds per float32 training step of one SAE of another k family (`--also`)."""
+    one = saev.nn.make_stack(family, d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}])
+    one = one.to(device)
+    one.init_from_data(x[:2048])
+    opt = saev.nn.StackAdam(one, lr=1e-4)
+    return timed(lambda: sparse_step(one, opt, x), args.iters, device)
 
 
 @torch.no_grad()
@@ -208,6 +224,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="also profile N topk steps per width"
     )
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        choices=["batchtopk", "matryoshka", "vsae-topk"],
+        metavar="FAMILY",
+        help="also time one float32 step of these k families (batchtopk, matryoshka, vsae-topk)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.d, args.widths, args.batch, args.S, args.k, args.iters = 128, [8], 1024, [1, 4], 16, 3
@@ -236,6 +260,12 @@ def main() -> None:
             f" ratio {t_step / t_mm:.2f}; bfloat16 step {t_bf16 * 1e3:.1f} ms,"
             f" bf16/fp32 {t_bf16 / t_step:.2f}"
         )
+        for family in args.also:
+            t_fam = bench_family_step(args, family, width * args.d, x, device)
+            print(
+                f"  width {width}x: {family} step {t_fam * 1e3:.1f} ms,"
+                f" {t_fam / t_mm:.2f} x the encoder matmul"
+            )
         if args.profile:
             profile_topk_step(args, width * args.d, x, device)
         for l0 in args.relu_l0:
