@@ -566,3 +566,17 @@ def test_squared_errors_gradient_is_autograds_bit_for_bit():
     want = (xs - recon).pow(2).sum(-1).mean(-1)
     wx, wr = torch.autograd.grad((want * weights).sum(), (xs, recon))
     assert torch.equal(got, want) and torch.equal(gx, wx) and torch.equal(gr, wr)
+
+
+def test_squared_error_of_a_shared_input_sums_its_gradient_over_members():
+    xs = torch.randn(1, 5, 4, requires_grad=True)
+    recon = torch.randn(3, 5, 4, requires_grad=True)
+    got = torch.autograd.grad(saev.nn.stack.squared_error(xs, recon).sum(), (xs, recon))
+    want = torch.autograd.grad((xs - recon).pow(2).sum(-1).mean(-1).sum(), (xs, recon))
+    assert got[0].shape == (1, 5, 4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_largest_of_no_rows_is_empty():
+    vals, idx = sparse.largest(torch.empty(0, 4096), 33)
+    assert vals.shape == idx.shape == (0, 33)

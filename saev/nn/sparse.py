@@ -156,7 +156,11 @@ def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """
     n = values.shape[-1]
     size = _prefilter_block(n, m)
-    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+    if (
+        values.device.type != "cpu"
+        or values.dtype not in (torch.float32, torch.float64)
+        or values.numel() == 0
+    ):
         size = None
     if size is None:
         top = values.topk(m, dim=-1)

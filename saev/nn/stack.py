@@ -68,6 +68,7 @@ class _SquaredError(torch.autograd.Function):
     def forward(ctx, xs, recon):
         diff = xs - recon
         ctx.save_for_backward(diff)
+        ctx.shapes = xs.shape, recon.shape
         return diff.pow(2).sum(-1).mean(-1)
 
     @staticmethod
@@ -75,8 +76,11 @@ class _SquaredError(torch.autograd.Function):
         (diff,) = ctx.saved_tensors
         # Autograd of the expression gives -(g/B) * (2*diff) in four passes over [S, B, d] (pow's
         # backward, two products, a negation); the same products, rounded the same, in one.
-        grad_recon = diff * (-2 * (g / diff.shape[1]))[:, None, None]
-        return (-grad_recon if ctx.needs_input_grad[0] else None), grad_recon
+        grad = diff * (-2 * (g / diff.shape[1]))[:, None, None]
+        xs_shape, recon_shape = ctx.shapes
+        grad_xs = (-grad).sum_to_size(xs_shape) if ctx.needs_input_grad[0] else None
+        grad_recon = grad.sum_to_size(recon_shape) if ctx.needs_input_grad[1] else None
+        return grad_xs, grad_recon
 
 
 def squared_error(xs: Tensor, recon: Tensor) -> Tensor:
