@@ -445,14 +445,26 @@ def four_float32_steps(family, members, x, *, d_sae, batch, device="cpu"):
 
 
 @pytest.mark.parametrize(
-    "family", ["topk", "batchtopk", "relu-dense", "relu-sparse", "relu-mixed", "relu"]
+    "family",
+    [
+        "topk",
+        "batchtopk",
+        "topk-wide",
+        "batchtopk-wide",
+        "relu-dense",
+        "relu-sparse",
+        "relu-mixed",
+        "relu",
+    ],
 )
 def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monkeypatch):
     """In float32, with reductions big enough that torch splits them differently per stack size,
     AuxK live and gradient clipping active, a sweep member's weights equal, bit for bit, the
     same member trained alone (what benchmarks/sweep.py checks on real runs). Each relu member
     picks its path from its own codes: all-dense, all-sparse and mixed stacks are forced, then
-    the members choose."""
+    the members choose. "-wide": 2,048 latents and a largest k of 40, so that the members
+    alone select through `sparse.largest`'s prefilter and the stack (or BatchTopK's other
+    block size) does not."""
     from saev.nn import families
 
     if family.startswith("relu-"):
@@ -469,13 +481,15 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
     elif family == "relu":
         # Members choose: at 30% active (not ~11%) member 2 turns sparse in step 4, 0 and 1 stay dense.
         monkeypatch.setattr(families.ReLUStack, "sparse_below", 0.3 * (64 + 52) / 64)
-    d, f, b = 64, 1024, 1024
+    d, f, b, ks = 64, 1024, 1024, (4, 8, 16)
+    if family.endswith("-wide"):
+        family, f, ks = family.removesuffix("-wide"), 2048, (4, 8, 40)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4 * b, d, generator=g) * 3 + 1
     if family == "relu":
         members = [{"sparsity_coeff": c, "seed": 0} for c in (0.05, 0.1, 0.4)]
     else:
-        members = [{"k": k, "seed": 0, "dead_after_tokens": b, "k_aux": 64} for k in (4, 8, 16)]
+        members = [{"k": k, "seed": 0, "dead_after_tokens": b, "k_aux": 64} for k in ks]
 
     together = four_float32_steps(family, members, x, d_sae=f, batch=b)
     for i, member in enumerate(members):
