@@ -174,6 +174,51 @@ def test_auxk_on_dead_latents():
     assert (stack.tokens_since_fired[0][~fired][:1] >= B).all()
 
 
+def test_auxk_on_each_path_gives_the_dense_expressions_loss_and_gradients():
+    """Four members: more dead latents than 4·k_aux (sparse products over the selection),
+    between k_aux and 4·k_aux (dense over the dead columns, masked to the selection), at most
+    k_aux (dense, all of them), none. The aux loss and every parameter's gradient of it equal
+    plain autograd of the expression, with the selection done by sorting each row."""
+    f_, d, b = 64, 8, 32
+    members = [{"k": 2, "k_aux": k_aux, "seed": i} for i, k_aux in enumerate([2, 4, 8, 4])]
+    stack = saev.nn.make_stack("topk", d_vit=d, d_sae=f_, members=members).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64) * 2
+    stack.init_from_data(x)
+    dead = torch.zeros(4, f_, dtype=torch.bool)
+    dead[0, :20] = True  # 20 > 4*2: sparse
+    dead[1, 5:15] = True  # 4 < 10 <= 16: dense, masked
+    dead[2, ::13] = True  # 5 <= 8: dense, every dead latent
+    with torch.no_grad():
+        stack.tokens_since_fired.copy_(dead * 10**9)
+    params = [stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec]
+    out = stack.train()(x)
+    got = torch.autograd.grad(out.losses["aux"].sum(), params)
+
+    xs = stack.scale[:, None, None] * x
+    pre = (
+        torch.einsum("sbd,sdf->sbf", xs - stack.b_dec[:, None], stack.W_enc) + stack.b_enc[:, None]
+    )
+    want_loss = []
+    for s, k_aux in enumerate([2, 4, 8, 4]):
+        masked = pre[s].detach().masked_fill(~dead[s], -math.inf)
+        keep = torch.zeros(b, f_, dtype=torch.bool)
+        for t in range(b):
+            order = sorted(range(f_), key=lambda j: (-masked[t, j].item(), j))[:k_aux]
+            keep[t, [j for j in order if dead[s, j]]] = True
+        resid = (xs[s] - out.recon[s]).detach()
+        hat = (torch.relu(pre[s]) * keep) @ stack.W_dec[s]
+        var_x = ((xs[s] - xs[s].mean(0)) ** 2).sum()
+        var_e = ((resid - resid.mean(0)) ** 2).sum()
+        err = ((resid - hat) ** 2).sum(-1).mean()
+        want_loss.append(0 if s == 3 else stack.members[s]["aux_coeff"] * var_x / var_e * err)
+    want_loss = torch.stack([torch.as_tensor(w, dtype=torch.float64) for w in want_loss])
+    torch.testing.assert_close(out.losses["aux"].detach(), want_loss.detach())
+    want = torch.autograd.grad(want_loss.sum(), params)
+    for name, a, w in zip(["W_enc", "b_enc", "W_dec", "b_dec"], got, want, strict=True):
+        torch.testing.assert_close(a, w, msg=name)
+
+
 def test_batchtopk_train_and_threshold_inference():
     stack, x = make(
         "batchtopk", [{"k": 2, "threshold_decay": 0.5}, {"k": 3, "threshold_decay": 0.5}]

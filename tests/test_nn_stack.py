@@ -594,3 +594,13 @@ def test_squared_error_of_a_shared_input_sums_its_gradient_over_members():
 def test_largest_of_no_rows_is_empty():
     vals, idx = sparse.largest(torch.empty(0, 4096), 33)
     assert vals.shape == idx.shape == (0, 33)
+
+
+@pytest.mark.parametrize("high", [3, 10_000])  # ties at the boundary in most rows; in none
+def test_top_mask_keeps_each_rows_k_largest_lowest_columns_at_a_tie(high):
+    g = torch.Generator().manual_seed(4)
+    values = torch.randint(0, high, (40, 30), generator=g).double()
+    keep = sparse.top_mask(values, 7)
+    for row, kept in zip(values.tolist(), keep.tolist(), strict=True):
+        want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:7]
+        assert [i for i, k in enumerate(kept) if k] == sorted(want)

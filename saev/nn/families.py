@@ -153,15 +153,8 @@ class TopKStack(Stack):
         has_dead = dead.any(-1)
         if not bool(has_dead.any()):
             return None
-        with torch.no_grad():
-            ks = [min(k, self.d_sae) for k in self.hp_ints("k_aux")]
-            masked = pre.masked_fill(~dead[:, None, :], -math.inf)
-            layout = sparse.topk_layout(sparse.top_sets(masked, ks)[1], ks, self.d_sae)
-            # A member with fewer dead latents than k_aux also selected live ones: drop them.
-            valid = dead.reshape(-1).index_select(0, layout.cols)
-        vals = torch.relu(self._select(pre, xs, layout)) * valid
         resid = (xs - recon).detach()
-        resid_hat = sparse.decode(self.W_dec, torch.zeros_like(self.b_dec), layout, vals)
+        resid_hat = self._aux_reconstructions(pre, xs, dead)
         err = (resid - resid_hat).pow(2).sum(-1).mean(-1)
         # Gao et al. weigh two normalised MSEs, the main one by Var(x) and the aux one by Var(e);
         # next to our unnormalised main loss that is alpha * Var(x)/Var(e) * ||e - e_hat||^2.
@@ -170,6 +163,60 @@ class TopKStack(Stack):
             var_x, var_e = member_variances(xs), member_variances(resid)
             weight = (var_x / var_e.clamp_min(1e-12)).to(err.dtype)
         return torch.where(has_dead, self.hp("aux_coeff") * weight * err, 0.0)
+
+    aux_dense_below: typing.ClassVar[float] = 4.0
+    """A member's AuxK runs dense products over its dead latents' columns while it has at most
+    aux_dense_below·k_aux of them (density k_aux/n >= 25%), sparse ones over its selection
+    otherwise. On the CPU an embedding bag does a multiply-add several times slower than a
+    GEMM; measured at d_vit 768, 8x, k_aux 512 (docs/benchmarks.md, "AuxK")."""
+
+    def _aux_reconstructions(self, pre: Tensor, xs: Tensor, dead: Tensor) -> Tensor:
+        """[S, B, d] each member's reconstruction of its residual from the k_aux largest
+        pre-activations among its dead latents per token (all of them where it has no more).
+        Selected among the dead columns only, so a member with few dead latents pays for those,
+        not for k_aux or d_sae; member by member, each the same computation alone or in a sweep."""
+        B = pre.shape[1]
+        where = dead.nonzero()  # (member, latent) pairs, ascending: one sync for the stack
+        counts = torch.bincount(where[:, 0], minlength=self.S).tolist()
+        hats = []
+        for s, (cols, k_aux) in enumerate(
+            zip(where[:, 1].split(counts), self.hp_ints("k_aux"), strict=True)
+        ):
+            n = len(cols)
+            if n == 0:
+                hats.append(xs.new_zeros(B, self.d_vit))
+                continue
+            take = functools.partial(take_members, members=[s])
+            x_s = xs[s] if xs.shape[0] == self.S else xs[0]
+            with torch.no_grad():
+                sub = pre[s].index_select(-1, cols)
+                # Ascending columns of the dead latents are ascending latents: ties at the
+                # boundary keep the lowest latents, as top_sets does.
+                keep = sparse.top_mask(sub, k_aux) if n > k_aux else None
+            W_rows, b_enc, b_dec = (
+                take(self.W_enc.transpose(1, 2)),
+                take(self.b_enc),
+                take(self.b_dec),
+            )
+            W_dec = take(self.W_dec)
+            if n <= self.aux_dense_below * k_aux:
+                z = torch.relu(sparse.columns_pre(sub, x_s, b_dec, W_rows, b_enc, cols))
+                if keep is not None:
+                    z = z * keep
+                hats.append(z @ W_dec[0].index_select(0, cols).to(z.dtype))
+                continue
+            with torch.no_grad():
+                if keep is None:  # every dead latent (only when aux_dense_below < 1)
+                    picked = cols.expand(B, n)
+                else:
+                    picked = cols.index_select(0, keep.nonzero()[:, 1]).view(B, k_aux)
+                layout = sparse.sets_layout([picked], self.d_sae)
+            W_enc = W_rows.transpose(1, 2)
+            vals = torch.relu(
+                sparse.gather_pre(pre[s : s + 1], x_s[None], b_dec, W_enc, b_enc, layout)
+            )
+            hats.append(sparse.decode(W_dec, torch.zeros_like(b_dec), layout, vals)[0])
+        return torch.stack([h.to(xs.dtype) for h in hats])
 
 
 class BatchTopKStack(TopKStack):
