@@ -15,6 +15,7 @@ bfloat16 step over the float32 one (want <= 0.9).
     python benchmarks/sae_step.py --S 1 --widths 8 --relu-l0 --profile 5   # where a topk step's time goes
     python benchmarks/sae_step.py --d 64 --widths 8 --S 1 --relu-l0 --relu-sweep 204 133 34 11 3
     python benchmarks/sae_step.py --d 384 --widths 8 --S 1 --relu-l0 --also batchtopk matryoshka
+    python benchmarks/sae_step.py --S 1 --widths 8 --relu-l0 --auxk-dead 0.02 0.15 0.3 0.5
 """
 
 import argparse
@@ -124,6 +125,25 @@ def bench_family_step(args, family: str, d_sae: int, x: torch.Tensor, device: to
     return timed(lambda: sparse_step(one, opt, x), args.iters, device)
 
 
+def bench_auxk(args, d_sae: int, dead: float, x: torch.Tensor, device: torch.device) -> float:
+    """Seconds per float32 topk step of one SAE with a share `dead` of its latents dead (the
+    same random ones every step), so that AuxK runs (`--auxk-dead`)."""
+    one = saev.nn.make_stack(
+        "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
+    )
+    one.init_from_data(x[:2048])
+    opt = saev.nn.StackAdam(one, lr=1e-8)  # tiny steps: nothing revives
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(d_sae, generator=g) < dead).to(device)
+
+    def step():
+        with torch.no_grad():  # training resets the counters of latents that fired
+            one.tokens_since_fired[0] = torch.where(mask, 2**62, 0)
+        sparse_step(one, opt, x)
+
+    return timed(step, args.iters, device)
+
+
 @torch.no_grad()
 def place_l0(stack: saev.nn.Stack, l0s: list[float], x: torch.Tensor) -> list[float]:
     """Shift each member's encoder bias so that about l0s[s] latents per token are active (a
@@ -225,6 +245,14 @@ def main() -> None:
         "--profile", type=int, default=0, metavar="N", help="also profile N topk steps per width"
     )
     parser.add_argument(
+        "--auxk-dead",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="SHARE",
+        help="also time the topk step with these shares of dead latents, AuxK on (k_aux 512)",
+    )
+    parser.add_argument(
         "--also",
         nargs="*",
         default=[],
@@ -260,6 +288,12 @@ def main() -> None:
             f" ratio {t_step / t_mm:.2f}; bfloat16 step {t_bf16 * 1e3:.1f} ms,"
             f" bf16/fp32 {t_bf16 / t_step:.2f}"
         )
+        for dead in args.auxk_dead:
+            t_aux = bench_auxk(args, width * args.d, dead, x, device)
+            print(
+                f"  width {width}x: topk step with {dead:.0%} of latents dead (AuxK on)"
+                f" {t_aux * 1e3:.1f} ms, {t_aux / t_mm:.2f} x the encoder matmul"
+            )
         for family in args.also:
             t_fam = bench_family_step(args, family, width * args.d, x, device)
             print(

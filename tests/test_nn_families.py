@@ -434,3 +434,22 @@ def test_encode_gradient_wrt_input_matches_finite_differences(family):
     x.requires_grad_(True)
     assert sae.encode(x).abs().sum() > 0
     assert torch.autograd.gradcheck(sae.encode, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_dead", [3, 12, 40])  # all dead latents; dense, masked; sparse
+def test_auxk_under_bfloat16_autocast_gives_float32_gradients(n_dead):
+    stack = saev.nn.make_stack("topk", d_vit=8, d_sae=64, members=[{"k": 2, "k_aux": 4}])
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(5))
+    stack.init_from_data(x)
+    with torch.no_grad():
+        stack.tokens_since_fired[0, :n_dead] = 10**9
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stack.train()(x)
+    aux = out.losses["aux"]
+    assert aux.dtype == torch.float32 and torch.isfinite(aux).all() and aux.item() > 0
+    grads = torch.autograd.grad(aux.sum(), [stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec])
+    for p, g in zip([stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec], grads, strict=True):
+        assert g.dtype == torch.float32 and g.shape == p.shape and torch.isfinite(g).all()
+    # Only dead latents' encoder columns and decoder rows learn from AuxK.
+    assert grads[0][0, :, n_dead:].abs().max() == 0 and grads[0][0, :, :n_dead].abs().max() > 0
+    assert grads[2][0, n_dead:].abs().max() == 0
