@@ -449,6 +449,7 @@ def four_float32_steps(family, members, x, *, d_sae, batch, device="cpu"):
     [
         "topk",
         "batchtopk",
+        "matryoshka",
         "topk-wide",
         "batchtopk-wide",
         "relu-dense",

@@ -88,6 +88,13 @@ class Layout:
             self._by_col = (order, self.rows.index_select(0, order), ccol)
         return self._by_col
 
+    def select(self, keep: Tensor) -> tuple["Layout", Tensor]:
+        """The layout of the entries where `keep` ([nnz] bool) holds, and their positions here."""
+        pos = keep.nonzero().squeeze(1)
+        rows, cols = self.rows.index_select(0, pos), self.cols.index_select(0, pos)
+        crow = torch.searchsorted(rows, torch.arange(self.S * self.B + 1, device=rows.device))
+        return Layout(rows, cols, crow, self.S, self.B, self.F), pos
+
     def row_sum(self, values: Tensor, M: Tensor) -> Tensor:
         """C @ M: [S*B, m] from M [S*F, m], C holding `values` at the layout's positions."""
         return F.embedding_bag(

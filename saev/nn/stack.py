@@ -156,7 +156,10 @@ class Codes:
         if self.dense is not None:
             keep = torch.arange(self.d_sae, device=self.dense.device) < n_first
             return dataclasses.replace(self, dense=self.dense * keep)
-        return dataclasses.replace(self, vals=self.vals * (self.layout.latents < n_first))
+        # Only the prefix's entries: a prefix of 1/16 of the latents decodes its own entries, not
+        # every entry times a zero (dropping zero terms leaves each sum as it was).
+        layout, pos = self.layout.select(self.layout.latents < n_first)
+        return dataclasses.replace(self, layout=layout, vals=self.vals.index_select(0, pos))
 
 
 def _decode(W_dec: Tensor, b_dec: Tensor, codes: Codes) -> Tensor:
