@@ -605,3 +605,19 @@ def test_top_mask_keeps_each_rows_k_largest_lowest_columns_at_a_tie(high):
     for row, kept in zip(values.tolist(), keep.tolist(), strict=True):
         want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:7]
         assert [i for i, k in enumerate(kept) if k] == sorted(want)
+
+
+def test_decoder_gradient_projection_of_a_member_is_the_same_in_any_stack():
+    """At d_vit >= 512 a batched product over a whole stack rounds differently from a
+    one-member one; the projection runs member by member."""
+    mem = [{"k": 4, "seed": i} for i in range(3)]
+    big = saev.nn.make_stack("topk", d_vit=768, d_sae=256, members=mem)
+    one = saev.nn.make_stack("topk", d_vit=768, d_sae=256, members=[mem[1]])
+    grad = torch.randn(3, 256, 768, generator=torch.Generator().manual_seed(6))
+    big.W_dec.grad, one.W_dec.grad = grad.clone(), grad[1:2].clone()
+    big.project_decoder_grad()
+    one.project_decoder_grad()
+    assert torch.equal(big.W_dec.grad[1], one.W_dec.grad[0])
+    # What remains is orthogonal to each (unit) decoder row.
+    dots = (big.W_dec.grad * big.W_dec.detach()).sum(-1)
+    assert dots.abs().max() < 1e-4

@@ -174,49 +174,50 @@ class TopKStack(Stack):
         """[S, B, d] each member's reconstruction of its residual from the k_aux largest
         pre-activations among its dead latents per token (all of them where it has no more).
         Selected among the dead columns only, so a member with few dead latents pays for those,
-        not for k_aux or d_sae; member by member, each the same computation alone or in a sweep."""
-        B = pre.shape[1]
+        not for k_aux or d_sae. Members with at most aux_dense_below·k_aux dead latents decode
+        with dense products over those columns (in the autocast dtype under `--dtype bfloat16`,
+        as dense codes do), the others with the sparse products of the top-k path (float32);
+        either way each member's computation is the one it gets alone."""
+        S, B = self.S, pre.shape[1]
         where = dead.nonzero()  # (member, latent) pairs, ascending: one sync for the stack
-        counts = torch.bincount(where[:, 0], minlength=self.S).tolist()
-        hats = []
-        for s, (cols, k_aux) in enumerate(
-            zip(where[:, 1].split(counts), self.hp_ints("k_aux"), strict=True)
-        ):
-            n = len(cols)
-            if n == 0:
-                hats.append(xs.new_zeros(B, self.d_vit))
-                continue
-            take = functools.partial(take_members, members=[s])
-            x_s = xs[s] if xs.shape[0] == self.S else xs[0]
-            with torch.no_grad():
-                sub = pre[s].index_select(-1, cols)
+        counts = torch.bincount(where[:, 0], minlength=S).tolist()
+        cols = where[:, 1].split(counts)
+        dense, subs, keeps, sets = [], [], [], []
+        with torch.no_grad():
+            for s, (c, k_aux) in enumerate(zip(cols, self.hp_ints("k_aux"), strict=True)):
+                n = len(c)
+                sub = pre[s].index_select(-1, c)
                 # Ascending columns of the dead latents are ascending latents: ties at the
                 # boundary keep the lowest latents, as top_sets does.
                 keep = sparse.top_mask(sub, k_aux) if n > k_aux else None
-            W_rows, b_enc, b_dec = (
-                take(self.W_enc.transpose(1, 2)),
-                take(self.b_enc),
-                take(self.b_dec),
-            )
-            W_dec = take(self.W_dec)
-            if n <= self.aux_dense_below * k_aux:
-                z = torch.relu(sparse.columns_pre(sub, x_s, b_dec, W_rows, b_enc, cols))
-                if keep is not None:
-                    z = z * keep
-                hats.append(z @ W_dec[0].index_select(0, cols).to(z.dtype))
-                continue
-            with torch.no_grad():
-                if keep is None:  # every dead latent (only when aux_dense_below < 1)
-                    picked = cols.expand(B, n)
+                if 0 < n <= self.aux_dense_below * k_aux:
+                    dense.append(s)
+                    subs.append(sub)
+                    keeps.append(keep)
+                    sets.append(c.new_zeros(B, 0))
+                elif keep is None:  # every dead latent (or none)
+                    sets.append(c.expand(B, n))
                 else:
-                    picked = cols.index_select(0, keep.nonzero()[:, 1]).view(B, k_aux)
-                layout = sparse.sets_layout([picked], self.d_sae)
-            W_enc = W_rows.transpose(1, 2)
-            vals = torch.relu(
-                sparse.gather_pre(pre[s : s + 1], x_s[None], b_dec, W_enc, b_enc, layout)
-            )
-            hats.append(sparse.decode(W_dec, torch.zeros_like(b_dec), layout, vals)[0])
-        return torch.stack([h.to(xs.dtype) for h in hats])
+                    sets.append(c.index_select(0, keep.nonzero()[:, 1]).view(B, k_aux))
+        hat = xs.new_zeros(S, B, self.d_vit)
+        if any(x.shape[1] for x in sets):
+            layout = sparse.sets_layout(sets, self.d_sae)
+            vals = torch.relu(self._select(pre, xs, layout))
+            hat = sparse.decode(self.W_dec, torch.zeros_like(self.b_dec), layout, vals)
+        if dense:
+            picked = [cols[s] for s in dense]
+            zs = sparse.columns_pre(xs, self.b_dec, self.W_enc, self.b_enc, dense, picked, subs)
+            rows = torch.cat([c + s * self.d_sae for s, c in zip(dense, picked, strict=True)])
+            W_cols = self.W_dec.reshape(-1, self.d_vit).index_select(0, rows)
+            W_cols = W_cols.split([len(c) for c in picked])
+            hats = dict.fromkeys(range(S))
+            for s, z, keep, W in zip(dense, zs, keeps, W_cols, strict=True):
+                z = torch.relu(z)
+                hats[s] = (z if keep is None else z * keep) @ W.to(z.dtype)
+            zero = xs.new_zeros(B, self.d_vit)
+            # The sparse decode left these members' rows exactly 0: adding keeps both exact.
+            hat = hat + torch.stack([zero if h is None else h.to(xs.dtype) for h in hats.values()])
+        return hat.to(xs.dtype)
 
 
 class BatchTopKStack(TopKStack):

@@ -264,40 +264,56 @@ def top_mask(values: Tensor, k: int) -> Tensor:
 
 class _ColumnsPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sub, xs, b_dec, W_rows, b_enc, cols):
-        # sub: [B, n] = pre's columns `cols` of one member, detached; xs: [B, d]; b_dec [1, d];
-        # W_rows [1, F, d] (the member's W_enc in its storage order); b_enc [1, F].
-        ctx.save_for_backward(xs, b_dec, W_rows, cols)
-        return sub
+    def forward(ctx, xs, b_dec, W_enc, b_enc, members, cols, *subs):
+        # subs[i]: [B, n_i] = pre's columns cols[i] of member members[i], detached; xs [S or 1,
+        # B, d]; b_dec [S, d]; W_enc [S, d, F] (a transposed view of its [S, F, d] storage).
+        ctx.save_for_backward(xs, b_dec, W_enc, b_enc, *cols)
+        ctx.members = members
+        return subs
 
     @staticmethod
-    def backward(ctx, g):
-        xs, b_dec, W_rows, cols = ctx.saved_tensors
-        g = g.to(W_rows.dtype)
-        g_sum = g.sum(0)
-        W_cols = W_rows[0].index_select(0, cols)  # [n, d]
-        grad_xs = grad_b_dec = grad_W = grad_b_enc = None
-        if ctx.needs_input_grad[1]:
-            grad_xs = (g @ W_cols).to(xs.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b_dec = -(g_sum @ W_cols)[None]
-        if ctx.needs_input_grad[3]:
-            grad_W = torch.zeros_like(W_rows)
-            grad_W[0].index_copy_(0, cols, g.t() @ (xs - b_dec).to(g.dtype))
-        if ctx.needs_input_grad[4]:
-            grad_b_enc = g.new_zeros(1, W_rows.shape[1])
-            grad_b_enc[0].index_copy_(0, cols, g_sum)
-        return None, grad_xs, grad_b_dec, grad_W, grad_b_enc, None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        xs, b_dec, W_enc, b_enc, *cols = ctx.saved_tensors
+        W_rows = W_enc.transpose(1, 2)  # [S, F, d]: each latent's row, in storage order
+        need_xs, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
+        # One full-size gradient per parameter for the whole stack (a gradient per member, each
+        # as large as the stack's, would cost S times S).
+        grad_xs = torch.zeros_like(xs) if need_xs else None
+        grad_b_dec = torch.zeros_like(b_dec) if need_b_dec else None
+        grad_rows = torch.zeros_like(W_rows, memory_format=torch.contiguous_format)
+        grad_b_enc = torch.zeros_like(b_enc) if need_b_enc else None
+        for s, c, g in zip(ctx.members, cols, grads, strict=True):
+            g = g.to(W_rows.dtype)
+            g_sum = g.sum(0)
+            W_cols = W_rows[s].index_select(0, c)  # [n, d]
+            x_s = xs[s] if xs.shape[0] > 1 else xs[0]
+            if need_xs:
+                grad_xs[s if xs.shape[0] > 1 else 0] += (g @ W_cols).to(xs.dtype)
+            if need_b_dec:
+                grad_b_dec[s] = -(g_sum @ W_cols)
+            if need_W:
+                grad_rows[s].index_copy_(0, c, g.t() @ (x_s - b_dec[s]).to(g.dtype))
+            if need_b_enc:
+                grad_b_enc[s].index_copy_(0, c, g_sum)
+        grad_W = grad_rows.transpose(1, 2) if need_W else None
+        return grad_xs, grad_b_dec, grad_W, grad_b_enc, None, None, *([None] * len(grads))
 
 
 def columns_pre(
-    sub: Tensor, xs: Tensor, b_dec: Tensor, W_rows: Tensor, b_enc: Tensor, cols: Tensor
-) -> Tensor:
-    """Some columns of one member's pre-activations, `sub` = ((xs - b_dec) W_enc + b_enc)[:, cols]
-    ([B, n], computed without grad by the caller), with that expression's gradient: dense
-    products over the n columns only (AuxK over a member's dead latents). W_rows is the
-    member's W_enc as [1, F, d] rows (its storage order), b_dec [1, d], b_enc [1, F]."""
-    return _ColumnsPre.apply(sub, xs, b_dec, W_rows, b_enc, cols)
+    xs: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    members: typing.Sequence[int],
+    cols: typing.Sequence[Tensor],
+    subs: typing.Sequence[Tensor],
+) -> tuple[Tensor, ...]:
+    """Some columns of some members' pre-activations: `subs[i]` = ((xs - b_dec) W_enc +
+    b_enc)[members[i]][:, cols[i]] ([B, n_i], computed without grad by the caller), with that
+    expression's gradient from dense products over those columns only (AuxK over each member's
+    dead latents)."""
+    return _ColumnsPre.apply(xs, b_dec, W_enc, b_enc, list(members), list(cols), *subs)
 
 
 def topk_layout(idx: Tensor, ks: typing.Sequence[int], F_: int) -> Layout:
