@@ -91,14 +91,23 @@ def bench_group(
     return t_loop, t_stack, t_sparse
 
 
+def one_sae(args, family: str, d_sae: int, device: torch.device, x=None) -> saev.nn.Stack:
+    """One SAE of a k family (k = --k) on `device`, initialised from x's first 2,048 tokens
+    when x is given."""
+    one = saev.nn.make_stack(
+        family, d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
+    )
+    if x is not None:
+        one.init_from_data(x[:2048])
+    return one
+
+
 def bench_matmul_ratio(
     args, d_sae: int, x: torch.Tensor, device: torch.device
 ) -> tuple[float, float, float]:
     """Seconds of the float32 encoder forward matmul alone, of a full (sparse) topk step of one
     SAE in float32, and of the same step with bfloat16 autocast (`--dtype bfloat16`)."""
-    one = saev.nn.make_stack(
-        "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
-    )
+    one = one_sae(args, "topk", d_sae, device)
     opt = saev.nn.StackAdam(one, lr=1e-4)
     xs = x[None]
     # Into one buffer: a fresh [B, d_sae] output each call is paged in anew until the allocator
@@ -118,9 +127,7 @@ def bench_matmul_ratio(
 
 def bench_family_step(args, family: str, d_sae: int, x: torch.Tensor, device: torch.device):
     """Seconds per float32 training step of one SAE of another k family (`--also`)."""
-    one = saev.nn.make_stack(family, d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}])
-    one = one.to(device)
-    one.init_from_data(x[:2048])
+    one = one_sae(args, family, d_sae, device, x)
     opt = saev.nn.StackAdam(one, lr=1e-4)
     return timed(lambda: sparse_step(one, opt, x), args.iters, device)
 
@@ -128,10 +135,7 @@ def bench_family_step(args, family: str, d_sae: int, x: torch.Tensor, device: to
 def bench_auxk(args, d_sae: int, dead: float, x: torch.Tensor, device: torch.device) -> float:
     """Seconds per float32 topk step of one SAE with a share `dead` of its latents dead (the
     same random ones every step), so that AuxK runs (`--auxk-dead`)."""
-    one = saev.nn.make_stack(
-        "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
-    )
-    one.init_from_data(x[:2048])
+    one = one_sae(args, "topk", d_sae, device, x)
     opt = saev.nn.StackAdam(one, lr=1e-8)  # tiny steps: nothing revives
     g = torch.Generator().manual_seed(0)
     mask = (torch.rand(d_sae, generator=g) < dead).to(device)
@@ -186,9 +190,7 @@ def profile_topk_step(args, d_sae: int, x: torch.Tensor, device: torch.device) -
     device that runs them (on a GPU also the host's table: there a small step waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
 
-    one = saev.nn.make_stack(
-        "topk", d_vit=args.d, d_sae=d_sae, members=[{"k": args.k}], device=device
-    )
+    one = one_sae(args, "topk", d_sae, device)
     opt = saev.nn.StackAdam(one, lr=1e-4)
     for _ in range(3):
         sparse_step(one, opt, x)
@@ -219,13 +221,15 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="d=128, width 8x, batch 1024, S 1,4, k=16"
     )
-    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--d", type=int, default=768, help="d_vit, the input width")
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16], help="expansion factors")
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--S", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--k", type=int, default=32, help="k of the top-k SAEs")
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    parser.add_argument(
+        "--S", type=int, nargs="+", default=[1, 4, 16], help="stack sizes for the loop comparison"
+    )
+    parser.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if present)")
     parser.add_argument(
         "--relu-l0",
         type=float,

@@ -501,6 +501,20 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
             assert torch.equal(a[0], t[i]), f"{family} member {i} {name}"
 
 
+def assert_brute_force_sets(values, ks, vals, idx):
+    """Each member's first k of (vals, idx) are its k largest, ties broken by the lowest index,
+    as sorting by (value descending, index ascending) picks them; rows whose k-th value is
+    -inf (masked entries) may hold any of them."""
+    for s, k in enumerate(ks):
+        for b in range(values.shape[1]):
+            row = values[s, b].tolist()
+            want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+            if row[want[-1]] == -math.inf:
+                continue
+            assert sorted(idx[s, b, :k].tolist()) == sorted(want), (s, b)
+            assert vals[s, b, :k].tolist() == sorted((row[i] for i in want), reverse=True)
+
+
 def test_top_sets_with_many_ties_match_a_brute_force_choice():
     """Integer-valued rows, full of ties: every member's set is its k largest, ties broken by
     the lowest index, as sorting by (value descending, index ascending) picks them."""
@@ -508,15 +522,7 @@ def test_top_sets_with_many_ties_match_a_brute_force_choice():
     values = torch.randint(0, 4, (3, 50, 12), generator=g).float()
     values[1, :5] = -math.inf  # AuxK's masked rows
     ks = [2, 7, 5]
-    vals, idx = sparse.top_sets(values, ks)
-    for s, k in enumerate(ks):
-        for b in range(values.shape[1]):
-            row = values[s, b].tolist()
-            want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
-            if row[want[-1]] == -math.inf:
-                continue  # masked entries: any of them
-            assert sorted(idx[s, b, :k].tolist()) == sorted(want), (s, b)
-            assert vals[s, b, :k].tolist() == sorted((row[i] for i in want), reverse=True)
+    assert_brute_force_sets(values, ks, *sparse.top_sets(values, ks))
 
 
 def test_top_sets_over_whole_batches_breaks_ties_the_same_way():
@@ -562,13 +568,7 @@ def test_top_sets_on_long_rows_with_ties_match_a_brute_force_choice():
     g = torch.Generator().manual_seed(1)
     values = torch.randint(0, 600, (3, 40, 2048), generator=g).float()
     ks = [2, 16, 9]
-    vals, idx = sparse.top_sets(values, ks)
-    for s, k in enumerate(ks):
-        for b in range(values.shape[1]):
-            row = values[s, b].tolist()
-            want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
-            assert sorted(idx[s, b, :k].tolist()) == sorted(want), (s, b)
-            assert vals[s, b, :k].tolist() == sorted((row[i] for i in want), reverse=True)
+    assert_brute_force_sets(values, ks, *sparse.top_sets(values, ks))
 
 
 def test_squared_errors_gradient_is_autograds_bit_for_bit():

@@ -210,13 +210,13 @@ class TopKStack(Stack):
             rows = torch.cat([c + s * self.d_sae for s, c in zip(dense, picked, strict=True)])
             W_cols = self.W_dec.reshape(-1, self.d_vit).index_select(0, rows)
             W_cols = W_cols.split([len(c) for c in picked])
-            hats = dict.fromkeys(range(S))
+            # The sparse decode left the dense members' rows exactly 0 and these leave the
+            # others' 0: adding keeps both exact.
+            hats = [xs.new_zeros(B, self.d_vit)] * S
             for s, z, keep, W in zip(dense, zs, keeps, W_cols, strict=True):
                 z = torch.relu(z)
-                hats[s] = (z if keep is None else z * keep) @ W.to(z.dtype)
-            zero = xs.new_zeros(B, self.d_vit)
-            # The sparse decode left these members' rows exactly 0: adding keeps both exact.
-            hat = hat + torch.stack([zero if h is None else h.to(xs.dtype) for h in hats.values()])
+                hats[s] = ((z if keep is None else z * keep) @ W.to(z.dtype)).to(xs.dtype)
+            hat = hat + torch.stack(hats)
         return hat.to(xs.dtype)
 
 
