@@ -465,8 +465,15 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
     picks its path from its own codes: all-dense, all-sparse and mixed stacks are forced, then
     the members choose. "-wide": 2,048 latents and a largest k of 40, so that the members
     alone select through `sparse.largest`'s prefilter and the stack (or BatchTopK's other
-    block size) does not."""
-    from saev.nn import families
+    block size) does not; on a CPU with bfloat16 GEMMs, "topk-wide" selects through the
+    bfloat16 screen (saev.nn.screen), AuxK included."""
+    from saev.nn import families, screen
+
+    screened = []
+    real = screen.top_latents
+    monkeypatch.setattr(
+        screen, "top_latents", lambda *args: (r := real(*args), screened.append(r is not None))[0]
+    )
 
     if family.startswith("relu-"):
         path = family.removeprefix("relu-")
@@ -499,6 +506,8 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
             alone.state_dict().items(), together.state_dict().items(), strict=True
         ):
             assert torch.equal(a[0], t[i]), f"{family} member {i} {name}"
+    if family == "topk" and f == 2048 and screen.available(torch.zeros(1), f, f):
+        assert screened and all(screened)
 
 
 def assert_brute_force_sets(values, ks, vals, idx):

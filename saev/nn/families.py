@@ -13,7 +13,7 @@ import typing
 import torch
 from torch import Tensor, nn
 
-from saev.nn import sparse
+from saev.nn import products, screen, sparse
 from saev.nn.stack import Codes, Stack, member_variances, squared_error, take_members
 
 
@@ -118,34 +118,79 @@ class ReLUStack(Stack):
 class TopKStack(Stack):
     """Gao et al. 2024: keep the k largest of ReLU(pre) per token; AuxK revives dead latents.
 
-    Members may have different k: the top max(k) latents are selected once per token and each
-    member keeps its own prefix of them, so the sparse work is proportional to its own k.
+    Members may have different k: each member selects its own k latents per token, so the
+    sparse work is proportional to its own k. On a CPU with bfloat16 GEMMs the selection is
+    screened (`saev.nn.screen`): the float32 pre-activations are computed only for the
+    latents a bfloat16 screen, with a rigorous error bound, cannot rule out.
     """
 
     family = "topk"
     uses_auxk = True
+    screen_from_d_sae: typing.ClassVar[int | None] = 2048
+    """Screen the per-token selection in bfloat16 (saev.nn.screen) from this d_sae on (None:
+    never). Measured on a 2-core AVX-512 CPU: the step at d_vit 768, d_sae 6,144, k 32 goes
+    from 1.36x to ~1.0x the float32 encoder matmul (docs/benchmarks.md)."""
+
+    def _attach(self, vals: Tensor, xs: Tensor, layout: sparse.Layout) -> Tensor:
+        """Pre-activation values at the layout's positions ([nnz], computed without grad), with
+        a sparse gradient when one is needed (training, or an input that asks for its gradient)."""
+        if torch.is_grad_enabled() and (self.W_enc.requires_grad or xs.requires_grad):
+            return sparse.attach_pre(vals, xs, self.b_dec, self.W_enc, self.b_enc, layout)
+        return vals.to(self.W_dec.dtype)
 
     def _select(self, pre: Tensor, xs: Tensor, layout: sparse.Layout) -> Tensor:
-        """Values of `pre` at the layout's positions, with a sparse gradient when one is needed
-        (training, or an input that asks for its gradient)."""
-        if torch.is_grad_enabled() and (self.W_enc.requires_grad or xs.requires_grad):
-            return sparse.gather_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc, layout)
-        return pre.reshape(-1).index_select(0, layout.flat).to(self.W_dec.dtype)
+        """Values of `pre` ([S, B, F]) at the layout's positions, as `_attach`."""
+        return self._attach(pre.reshape(-1).index_select(0, layout.flat), xs, layout)
 
-    def _topk_codes(self, xs: Tensor) -> tuple[Codes, Tensor]:
+    @torch.no_grad()
+    def _top_latents(self, xs: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """Each member's k largest pre-activations per token: latents ([B, k], ascending),
+        their values ([B, k]) and, where the member's selection came from the whole float32
+        GEMM rather than the screen, its pre-activations ([B, F], else None; AuxK reuses them).
+
+        Screened or not is decided per member, from the member's own weights and batch: a
+        member trained in a sweep takes the path, and the values, it takes alone."""
+        S, ks = self.S, self.hp_ints("k")
+        lat: list[Tensor | None] = [None] * S
+        vals: list[Tensor | None] = [None] * S
+        pre: list[Tensor | None] = [None] * S
+        if screen.available(self.W_enc, self.d_sae, self.screen_from_d_sae):
+            for s in range(S):
+                a = xs[s if xs.shape[0] > 1 else 0] - self.b_dec[s]
+                got = screen.top_latents(a, self.W_enc[s].t(), self.b_enc[s], ks[s])
+                if got is not None:
+                    lat[s], vals[s] = got
+        plain = [s for s in range(S) if lat[s] is None]
+        if plain:
+            take = functools.partial(take_members, members=plain)
+            xs_p = take(xs) if xs.shape[0] > 1 else xs
+            W_enc = take(self.W_enc.transpose(1, 2)).transpose(1, 2)
+            full = products.member_matmul(
+                xs_p - take(self.b_dec)[:, None, :], W_enc, take(self.b_enc)[:, None, :]
+            )
+            idx = sparse.top_sets(full, [ks[s] for s in plain])[1]
+            for i, s in enumerate(plain):
+                lat[s] = idx[i, :, : ks[s]].sort(-1).values
+                vals[s] = full[i].gather(-1, lat[s])
+                pre[s] = full[i]
+        return lat, vals, pre
+
+    def _topk_codes(self, xs: Tensor) -> tuple[Codes, list[Tensor | None]]:
         S, B = xs.shape[:2]
         with torch.no_grad():
-            pre = self.pre_acts(xs)
-            ks = self.hp_ints("k")
-            layout = sparse.topk_layout(sparse.top_sets(pre, ks)[1], ks, self.d_sae)
-        vals = torch.relu(self._select(pre, xs, layout))
-        return Codes(S, B, self.d_sae, layout=layout, vals=vals), pre
+            lat, vals, pre = self._top_latents(xs)
+            layout = sparse.sets_layout(lat, self.d_sae)
+            flat = torch.cat([v.reshape(-1) for v in vals])
+        codes = torch.relu(self._attach(flat, xs, layout))
+        return Codes(S, B, self.d_sae, layout=layout, vals=codes), pre
 
     def _encode(self, xs, train, warm):
         codes, pre = self._topk_codes(xs)
         return codes, {}, pre
 
-    def _aux_loss(self, xs: Tensor, recon: Tensor, pre: Tensor) -> Tensor | None:
+    def _aux_loss(
+        self, xs: Tensor, recon: Tensor, pre: typing.Sequence[Tensor | None] | None
+    ) -> Tensor | None:
         """AuxK: the k_aux largest pre-activations among dead latents model the residual."""
         if pre is None:
             return None
@@ -170,23 +215,34 @@ class TopKStack(Stack):
     otherwise. On the CPU an embedding bag does a multiply-add several times slower than a
     GEMM; measured at d_vit 768, 8x, k_aux 512 (docs/benchmarks.md, "AuxK")."""
 
-    def _aux_reconstructions(self, pre: Tensor, xs: Tensor, dead: Tensor) -> Tensor:
+    def _aux_reconstructions(
+        self, pre: typing.Sequence[Tensor | None], xs: Tensor, dead: Tensor
+    ) -> Tensor:
         """[S, B, d] each member's reconstruction of its residual from the k_aux largest
         pre-activations among its dead latents per token (all of them where it has no more).
         Selected among the dead columns only, so a member with few dead latents pays for those,
         not for k_aux or d_sae. Members with at most aux_dense_below·k_aux dead latents decode
         with dense products over those columns (in the autocast dtype under `--dtype bfloat16`,
         as dense codes do), the others with the sparse products of the top-k path (float32);
-        either way each member's computation is the one it gets alone."""
-        S, B = self.S, pre.shape[1]
+        either way each member's computation is the one it gets alone.
+
+        pre[s] is member s's [B, F] pre-activations, or None where its codes came from the
+        bfloat16 screen: then its dead columns get their own float32 GEMM (a few percent of
+        the encoder's while few latents are dead)."""
+        S, B = self.S, xs.shape[1]
         where = dead.nonzero()  # (member, latent) pairs, ascending: one sync for the stack
         counts = torch.bincount(where[:, 0], minlength=S).tolist()
         cols = where[:, 1].split(counts)
-        dense, subs, keeps, sets = [], [], [], []
+        dense, subs, keeps, sets, vals = [], [], [], [], []
         with torch.no_grad():
             for s, (c, k_aux) in enumerate(zip(cols, self.hp_ints("k_aux"), strict=True)):
                 n = len(c)
-                sub = pre[s].index_select(-1, c)
+                if pre[s] is not None:
+                    sub = pre[s].index_select(-1, c)
+                else:
+                    x_s = xs[s if xs.shape[0] > 1 else 0] - self.b_dec[s]
+                    W_s = self.W_enc[s].t().index_select(0, c)  # the dead latents' rows
+                    sub = torch.addmm(self.b_enc[s].index_select(0, c), x_s, W_s.t())
                 # Ascending columns of the dead latents are ascending latents: ties at the
                 # boundary keep the lowest latents, as top_sets does.
                 keep = sparse.top_mask(sub, k_aux) if n > k_aux else None
@@ -197,13 +253,15 @@ class TopKStack(Stack):
                     sets.append(c.new_zeros(B, 0))
                 elif keep is None:  # every dead latent (or none)
                     sets.append(c.expand(B, n))
+                    vals.append(sub.reshape(-1))
                 else:
                     sets.append(c.index_select(0, keep.nonzero()[:, 1]).view(B, k_aux))
+                    vals.append(sub.masked_select(keep))  # row-major: the layout's order
         hat = xs.new_zeros(S, B, self.d_vit)
         if any(x.shape[1] for x in sets):
             layout = sparse.sets_layout(sets, self.d_sae)
-            vals = torch.relu(self._select(pre, xs, layout))
-            hat = sparse.decode(self.W_dec, torch.zeros_like(self.b_dec), layout, vals)
+            z = torch.relu(self._attach(torch.cat(vals), xs, layout))
+            hat = sparse.decode(self.W_dec, torch.zeros_like(self.b_dec), layout, z)
         if dense:
             picked = [cols[s] for s in dense]
             zs = sparse.columns_pre(xs, self.b_dec, self.W_enc, self.b_enc, dense, picked, subs)

@@ -151,21 +151,24 @@ def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
     indices it returns may differ (top_sets settles ties at the members' boundaries itself).
 
     On the CPU, torch.topk keeps a heap of pairs per row in scalar code: 36 ms of a 290 ms
-    topk step at d_sae 6,144, k 32, batch 4,096. A block-max prefilter finds the same entries
-    in 19 ms: cut each row into blocks, take the m largest block maxima; their smallest, t, has
-    at least m entries at or above it (those maxima), so each of the row's m largest is >= t,
-    and lies in one of those m blocks (an entry of another block is <= its block's max <= t).
-    Only the entries >= t of those blocks (a few more than m on continuous data) go to a final
-    torch.topk. A row where that count is not small (many equal values), NaN (t is NaN and
-    nothing passes) or -inf (masked entries, not to be told from the padding) sends the whole
-    tensor to torch.topk; so do GPUs, where torch.topk is fast already, bfloat16 (slower this
-    way on the CPU: its rows tie often, its passes are slow) and short rows (`_prefilter_block`).
+    topk step at d_sae 6,144, k 32, batch 4,096 (33 ms in bfloat16). A block-max prefilter
+    finds the same entries in 19 ms (12 in bfloat16): cut each row into blocks, take the m
+    largest block maxima; their smallest, t, has at least m entries at or above it (those
+    maxima), so each of the row's m largest is >= t, and lies in one of those m blocks (an
+    entry of another block is <= its block's max <= t). Only the entries >= t of those blocks
+    (a few more than m on continuous data) go to a final torch.topk. A row where that count is
+    not small (many equal values), NaN (t is NaN and nothing passes) or -inf (masked entries,
+    not to be told from the padding) sends the whole tensor to torch.topk; so do GPUs, where
+    torch.topk is fast already, and short rows (`_prefilter_block`). bfloat16 is compared as
+    its bit patterns (int16: the same order for positive values, negative ones below every
+    positive one, and element-wise passes several times faster), so there every row's t must
+    be positive and finite.
     """
     n = values.shape[-1]
     size = _prefilter_block(n, m)
     if (
         values.device.type != "cpu"
-        or values.dtype not in (torch.float32, torch.float64)
+        or values.dtype not in (torch.float32, torch.float64, torch.bfloat16)
         or values.numel() == 0
     ):
         size = None
@@ -174,10 +177,18 @@ def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
         return top.values, top.indices
     shape = values.shape[:-1]
     v = values.reshape(-1, n)
+    keys = v.view(torch.int16) if v.dtype == torch.bfloat16 else v
     R, nb = v.shape[0], n // size
-    blocks = v.reshape(R * nb, size)
+    blocks = keys.reshape(R * nb, size)
     tops = blocks.amax(-1).view(R, nb).topk(m, dim=-1, sorted=False)
     t = tops.values.amin(-1, keepdim=True)
+    if keys is v:
+        usable = bool(t.min() > -math.inf)
+    else:  # positive and finite: 0x7F80 is +inf, above it NaNs
+        usable = bool(t.min() > 0) and bool(tops.values.max() < 0x7F80)
+    if not usable:
+        top = values.topk(m, dim=-1)
+        return top.values, top.indices
     chosen = (tops.indices + torch.arange(R)[:, None] * nb).view(-1)
     cand = blocks.index_select(0, chosen).view(R, m * size)
     # Pack each row's passing entries (flat positions into cand, ascending) into [R, width].
@@ -186,12 +197,12 @@ def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
     start = torch.searchsorted(row, torch.arange(R + 1))
     count = start[1:] - start[:-1]
     lo, width = (int(c) for c in count.aminmax())
-    if lo < m or width > n // 4 or not bool(t.min() > -math.inf):
+    if lo < m or width > n // 4:
         top = values.topk(m, dim=-1)
         return top.values, top.indices
     dest = row * width + (torch.arange(pos.numel()) - start.index_select(0, row))
     packed = v.new_full((R * width,), -math.inf)
-    packed.index_put_((dest,), cand.view(-1).index_select(0, pos))
+    packed.index_put_((dest,), cand.view(v.dtype).view(-1).index_select(0, pos))
     block = pos.div(size, rounding_mode="floor")  # which of the R*m chosen blocks
     latent = tops.indices.view(-1).index_select(0, block) * size + (pos - block * size)
     where = torch.zeros(R * width, dtype=torch.long).index_put_((dest,), latent)
@@ -216,8 +227,7 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
     """
     kmax, n = max(ks), values.shape[-1]
     if values.dtype not in (torch.float32, torch.float64):
-        top = values.topk(kmax, dim=-1)
-        return top.values, top.indices
+        return largest(values, min(kmax, n))
     # One extra entry shows whether the value at a boundary continues past it.
     vals, idx = largest(values, min(kmax + 1, n))
     for s, k in enumerate(ks):
@@ -357,15 +367,15 @@ def _rows_of(W: Tensor) -> Tensor:
     return W.reshape(-1, W.shape[-1])
 
 
-class _GatherPre(torch.autograd.Function):
+class _AttachPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre, xs, b_dec, W_enc, b_enc, layout):
-        # pre: [S, B, F] detached; xs: [S or 1, B, d] scaled input; layout: the selection.
+    def forward(ctx, vals, xs, b_dec, W_enc, b_enc, layout):
+        # vals: [nnz] detached; xs: [S or 1, B, d] scaled input; layout: the selection.
         ctx.save_for_backward(xs, b_dec, W_enc)
         ctx.layout = layout
-        # Under bfloat16 autocast `pre` comes from a bf16 matmul; the codes and everything
+        # Under bfloat16 autocast the values come from a bf16 matmul; the codes and everything
         # after them are float32 (the master weights' dtype).
-        return pre.reshape(-1).index_select(0, layout.flat).to(W_enc.dtype)
+        return vals.to(W_enc.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, g):
@@ -412,15 +422,21 @@ def _b_dec_grad(grad_b_enc: Tensor, W_enc: Tensor) -> Tensor:
     return -torch.bmm(grad_b_enc[:, None, :], W_t).squeeze(1)
 
 
+def attach_pre(
+    vals: Tensor, xs: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, layout: Layout
+) -> Tensor:
+    """`vals` ([nnz], computed without grad by the caller: the entries of (xs - b_dec) W_enc +
+    b_enc at the layout's positions) with that expression's gradient, by sparse products:
+    gradients flow to xs, b_dec, W_enc and b_enc exactly as through the dense expression."""
+    return _AttachPre.apply(vals, xs, b_dec, W_enc, b_enc, layout)
+
+
 def gather_pre(
     pre: Tensor, xs: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, layout: Layout
 ) -> Tensor:
-    """Differentiable `pre.reshape(-1)[layout.flat]` ([nnz]) with a sparse backward.
-
-    `pre` must equal `xs - b_dec` times `W_enc` plus `b_enc` (computed without grad by the
-    caller); gradients flow to xs, b_dec, W_enc and b_enc exactly as through the dense expression.
-    """
-    return _GatherPre.apply(pre, xs, b_dec, W_enc, b_enc, layout)
+    """Differentiable `pre.reshape(-1)[layout.flat]` ([nnz]) with a sparse backward
+    (`attach_pre`); `pre` ([S, B, F]) is the whole expression, computed without grad."""
+    return attach_pre(pre.reshape(-1).index_select(0, layout.flat), xs, b_dec, W_enc, b_enc, layout)
 
 
 class _DensePre(torch.autograd.Function):
