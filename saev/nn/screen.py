@@ -53,9 +53,19 @@ def available(W_enc: Tensor, d_sae: int, min_d_sae: int | None) -> bool:
         and W_enc.device.type == "cpu"
         and W_enc.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and _fast_bf16_gemm()
     )
+
+
+def _fast_bf16_gemm() -> bool:
+    """Whether this CPU runs bfloat16 GEMMs natively (avx512_bf16 or AMX) through oneDNN;
+    elsewhere oneDNN emulates them, slower than float32."""
+    cpu = torch.cpu
+    native = any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return native and torch.backends.mkldnn.is_available()
 
 
 @torch.no_grad()
