@@ -61,6 +61,21 @@ def test_screen_keeps_the_exact_top_k_of_its_float32_values(kind, k):
 
 
 @needs_bf16
+@pytest.mark.parametrize("kind", ["gauss", "bias", "ties", "offset"])
+@pytest.mark.parametrize("k", [1, 8, 32])
+def test_batch_screen_keeps_the_exact_top_k_b_of_its_float32_values(kind, k):
+    a, W, b = case(kind, B=64)
+    got = screen.top_of_batch(a, W, b, k * 64)
+    assert got is not None
+    pos, vals = got
+    v = exact_values(a, W, b).view(-1)
+    flat = v.tolist()
+    want = torch.tensor(sorted(sorted(range(len(flat)), key=lambda i: (-flat[i], i))[: k * 64]))
+    assert torch.equal(pos, want)
+    assert torch.equal(vals, v[want])
+
+
+@needs_bf16
 def test_screen_at_small_d_vit_and_with_a_transposed_encoder():
     a, W, b = case("bias", d=64, F_=4096)
     W_t = W.t().contiguous()  # the stack's W_enc is [d, F]; its rows a transposed view

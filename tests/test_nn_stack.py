@@ -465,15 +465,22 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
     picks its path from its own codes: all-dense, all-sparse and mixed stacks are forced, then
     the members choose. "-wide": 2,048 latents and a largest k of 40, so that the members
     alone select through `sparse.largest`'s prefilter and the stack (or BatchTopK's other
-    block size) does not; on a CPU with bfloat16 GEMMs, "topk-wide" selects through the
-    bfloat16 screen (saev.nn.screen), AuxK included."""
+    block size) does not; on a CPU with bfloat16 GEMMs "topk-wide" selects through the
+    bfloat16 screen (saev.nn.screen), and so does "batchtopk-wide", AuxK included."""
     from saev.nn import families, screen
 
     screened = []
-    real = screen.top_latents
-    monkeypatch.setattr(
-        screen, "top_latents", lambda *args: (r := real(*args), screened.append(r is not None))[0]
-    )
+
+    def spy(real):
+        def call(*args):
+            got = real(*args)
+            screened.append(got is not None)
+            return got
+
+        return call
+
+    for name in ("top_latents", "top_of_batch"):
+        monkeypatch.setattr(screen, name, spy(getattr(screen, name)))
 
     if family.startswith("relu-"):
         path = family.removeprefix("relu-")
@@ -506,7 +513,7 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
             alone.state_dict().items(), together.state_dict().items(), strict=True
         ):
             assert torch.equal(a[0], t[i]), f"{family} member {i} {name}"
-    if family == "topk" and f == 2048 and screen.available(torch.zeros(1), f, f):
+    if f == 2048 and screen.available(torch.zeros(1), f, f):  # both "-wide" families
         assert screened and all(screened)
 
 

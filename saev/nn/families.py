@@ -143,42 +143,52 @@ class TopKStack(Stack):
         return self._attach(pre.reshape(-1).index_select(0, layout.flat), xs, layout)
 
     @torch.no_grad()
-    def _top_latents(self, xs: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
-        """Each member's k largest pre-activations per token: latents ([B, k], ascending),
-        their values ([B, k]) and, where the member's selection came from the whole float32
-        GEMM rather than the screen, its pre-activations ([B, F], else None; AuxK reuses them).
+    def _top_entries(self, xs: Tensor, ns: list[int], screened, plain):
+        """Each member's selection of its ns[s] largest pre-activations (per token, or over the
+        batch): (where, values, pre), lists over members. `screened(a, W_rows, b_enc, n)` selects
+        through the bfloat16 screen (saev.nn.screen) or returns None; members it does not serve
+        get `plain(full, ns)` over their float32 GEMM, whose [B, F] pre-activations come back
+        in `pre` (else None; AuxK reuses them).
 
         Screened or not is decided per member, from the member's own weights and batch: a
         member trained in a sweep takes the path, and the values, it takes alone."""
-        S, ks = self.S, self.hp_ints("k")
-        lat: list[Tensor | None] = [None] * S
+        S = self.S
+        where: list[Tensor | None] = [None] * S
         vals: list[Tensor | None] = [None] * S
         pre: list[Tensor | None] = [None] * S
         if screen.available(self.W_enc, self.d_sae, self.screen_from_d_sae):
             for s in range(S):
                 a = xs[s if xs.shape[0] > 1 else 0] - self.b_dec[s]
-                got = screen.top_latents(a, self.W_enc[s].t(), self.b_enc[s], ks[s])
+                got = screened(a, self.W_enc[s].t(), self.b_enc[s], ns[s])
                 if got is not None:
-                    lat[s], vals[s] = got
-        plain = [s for s in range(S) if lat[s] is None]
-        if plain:
-            take = functools.partial(take_members, members=plain)
-            xs_p = take(xs) if xs.shape[0] > 1 else xs
+                    where[s], vals[s] = got
+        rest = [s for s in range(S) if where[s] is None]
+        if rest:
+            take = functools.partial(take_members, members=rest)
             W_enc = take(self.W_enc.transpose(1, 2)).transpose(1, 2)
             full = products.member_matmul(
-                xs_p - take(self.b_dec)[:, None, :], W_enc, take(self.b_enc)[:, None, :]
+                (take(xs) if xs.shape[0] > 1 else xs) - take(self.b_dec)[:, None, :],
+                W_enc,
+                take(self.b_enc)[:, None, :],
             )
-            idx = sparse.top_sets(full, [ks[s] for s in plain])[1]
-            for i, s in enumerate(plain):
-                lat[s] = idx[i, :, : ks[s]].sort(-1).values
-                vals[s] = full[i].gather(-1, lat[s])
-                pre[s] = full[i]
-        return lat, vals, pre
+            got_where, got_vals = plain(full, [ns[s] for s in rest])
+            for i, s in enumerate(rest):
+                where[s], vals[s], pre[s] = got_where[i], got_vals[i], full[i]
+        return where, vals, pre
+
+    @staticmethod
+    def _top_per_token(full: Tensor, ks: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Each member's k largest latents per token ([B, k], ascending) and their values, from
+        its float32 GEMM's pre-activations (full: [S', B, F])."""
+        idx = sparse.top_sets(full, ks)[1]
+        lat = [idx[i, :, :k].sort(-1).values for i, k in enumerate(ks)]
+        return lat, [full[i].gather(-1, lat_i) for i, lat_i in enumerate(lat)]
 
     def _topk_codes(self, xs: Tensor) -> tuple[Codes, list[Tensor | None]]:
         S, B = xs.shape[:2]
         with torch.no_grad():
-            lat, vals, pre = self._top_latents(xs)
+            ks = self.hp_ints("k")
+            lat, vals, pre = self._top_entries(xs, ks, screen.top_latents, self._top_per_token)
             layout = sparse.sets_layout(lat, self.d_sae)
             flat = torch.cat([v.reshape(-1) for v in vals])
         codes = torch.relu(self._attach(flat, xs, layout))
@@ -295,15 +305,25 @@ class BatchTopKStack(TopKStack):
             f = torch.relu(pre) * (pre > self.threshold[:, None, None])
             return Codes(S, B, self.d_sae, dense=f), None
         with torch.no_grad():
-            pre = self.pre_acts(xs)
             kBs = [k * B for k in self.hp_ints("k")]
-            top_vals, top_idx = sparse.top_sets(pre.reshape(S, -1), kBs)
-            self._update_threshold([top_vals[s, :kB] for s, kB in enumerate(kBs)])
-            layout = sparse.positions_layout(
-                [top_idx[s, :kB] for s, kB in enumerate(kBs)], B, self.d_sae
-            )
-        vals = torch.relu(self._select(pre, xs, layout))
-        return Codes(S, B, self.d_sae, layout=layout, vals=vals), pre
+            pos, vals, pre = self._top_entries(xs, kBs, screen.top_of_batch, self._top_of_batches)
+            self._update_threshold(vals)
+            layout = sparse.positions_layout(pos, B, self.d_sae)
+            flat = torch.cat(vals)
+        codes = torch.relu(self._attach(flat, xs, layout))
+        return Codes(S, B, self.d_sae, layout=layout, vals=codes), pre
+
+    @staticmethod
+    def _top_of_batches(full: Tensor, kBs: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Each member's kB largest entries of its [B, F] pre-activations: flat positions
+        (ascending) and values, from the float32 GEMM."""
+        top_vals, top_idx = sparse.top_sets(full.reshape(full.shape[0], -1), kBs)
+        pos, vals = [], []
+        for i, kB in enumerate(kBs):
+            p, order = top_idx[i, :kB].sort()
+            pos.append(p)
+            vals.append(top_vals[i, :kB].index_select(0, order))
+        return pos, vals
 
     @torch.no_grad()
     def _update_threshold(self, values: list[Tensor]) -> None:

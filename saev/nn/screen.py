@@ -28,6 +28,7 @@ candidate ever lies outside the bound (a GEMM that does not round as assumed), i
 and stops screening for the process.
 """
 
+import dataclasses
 import math
 import warnings
 
@@ -68,20 +69,30 @@ def _fast_bf16_gemm() -> bool:
     return native and torch.backends.mkldnn.is_available()
 
 
-@torch.no_grad()
-def top_latents(a: Tensor, W_rows: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """Each token's k largest of z = a W_rows^T + b, exactly, or None where the screen cannot
-    bound this batch.
+@dataclasses.dataclass
+class _Screen:
+    """A member's bfloat16 screen of z = a W^T + b and its error bound: |s - z| <= C + T|s|."""
 
-    a: [B, d] float32 (x~ = scaled input minus b_dec); W_rows: [F, d] the encoder's rows (one
-    per latent); b: [F]. Returns (latents [B, k], ascending along each row; their values [B, k]
-    as float32 dot products plus b).
-    """
-    global _broken
+    s: Tensor
+    """[B, F] bfloat16 screen values."""
+    block_max: Tensor
+    """[B, F / BLOCK] int16: each block's largest bit pattern (its maximum where positive)."""
+    C: Tensor
+    """[B] absolute part of the screen's error bound, per token."""
+    ev: Tensor
+    """[B] bound on |v - z| for the exact values v (float32 dot product, then + b)."""
+    T: float = 2.02 * 2.0**-8
+    """Relative part of the bound: two bfloat16 roundings of the GEMM's output."""
+
+    @property
+    def keys(self) -> Tensor:
+        """s's bit patterns as int16: ordered as s for positive values, negative ones below."""
+        return self.s.view(torch.int16)
+
+
+def _screen(a: Tensor, W_rows: Tensor, b: Tensor) -> _Screen | None:
+    """The bfloat16 GEMM and its error bound, or None for inputs that are not finite."""
     B, d = a.shape
-    F_ = W_rows.shape[0]
-    if k > F_ // BLOCK or B == 0:
-        return None
     a16, W16, b16 = a.bfloat16(), W_rows.bfloat16(), b.bfloat16()
     s = torch.addmm(b16, a16, W16.t())  # [B, F] bfloat16
 
@@ -105,62 +116,130 @@ def top_latents(a: Tensor, W_rows: Tensor, b: Tensor, k: int) -> tuple[Tensor, T
     # (the product, then product + bias), the second relative to s itself; 1e-30 covers
     # flushed subnormal products.
     C = 1.01 * (ra * wn + ah * rw + rb + g * ah * wh + 1.01 * u16 * bh) + 1e-30
-    T = 2.02 * u16
-    # |v_j - z_j| <= ev for the exact values v (float32 dot product, then + b).
     ev = 1.01 * (g * an * wn + 2 * u32 * (an * wn + bm)) + 1e-30
+    block_max = s.view(torch.int16).view(B, -1, BLOCK).amax(-1)
+    return _Screen(s, block_max, C, ev)
 
-    # t: the k-th largest of the token's block maxima, <= its k-th largest s (k blocks have a
-    # maximum >= t). bfloat16 bit patterns order as int16 for positive values, and negative
-    # ones sort below every positive pattern: a positive t is exact.
-    s16 = s.view(torch.int16)
-    nb = F_ // BLOCK
-    block_max = s16.view(B, nb, BLOCK).amax(-1)
-    t16 = block_max.topk(k, dim=-1, sorted=False).values.amin(-1)
-    if not bool((t16 > 0).all()):
-        return None
-    t = t16.view(torch.bfloat16).float()
-    # At least k latents have z >= t - C - T t (the k with s >= t), so the k-th largest v is
-    # >= that - ev. A latent with s < theta has v < that - ev (theta + C + T theta = that - 2 ev),
-    # strictly: it cannot be kept, nor tie the k-th.
-    q = t - T * t - 2 * C - 2 * ev
-    theta = torch.where(q >= 0, q / (1 + T), q / (1 - T))
-    theta = theta - theta.abs() * 1e-5  # the float32 arithmetic above
-    if not bool((theta > 0).all()):
-        return None
+
+def _thresholds(sc: _Screen, q: Tensor) -> Tensor:
+    """[B] int16 keys: each token's candidates are its s >= theta, theta (1 + T) = q (a latent
+    below theta has s + C + T|s| < q). A token whose q is not positive takes every latent (the
+    smallest key): int16 order is s's order for positive values only."""
+    theta = q / (1 + sc.T)
+    theta = theta - theta.abs() * 1e-5  # the float32 arithmetic of q and theta
     # The largest bfloat16 <= theta (s is bfloat16: s >= theta exactly when s >= that).
     th = theta.bfloat16()
     th16 = th.view(torch.int16) - (th.float() > theta).to(torch.int16)
-    # Candidates: s >= theta, looked for only in blocks whose maximum is (a third of them).
-    hot = (block_max >= th16[:, None]).view(-1).nonzero().squeeze(1)  # ascending block ids
-    cand = s16.view(B * nb, BLOCK).index_select(0, hot)
+    return torch.where(theta > 0, th16, torch.iinfo(torch.int16).min)
+
+
+def _candidates(
+    sc: _Screen, a: Tensor, W_rows: Tensor, b: Tensor, th16: Tensor
+) -> tuple[sparse.Layout, Tensor] | None:
+    """The layout of the candidates (s >= each token's threshold) and their exact values v, or
+    None if one of them lies outside the bound (then the screen is off for the process)."""
+    global _broken
+    B, nb = sc.block_max.shape
+    # Looked for only in blocks whose maximum passes (a third of them at k 32).
+    hot = (sc.block_max >= th16[:, None]).view(-1).nonzero().squeeze(1)  # ascending block ids
+    cand = sc.keys.view(B * nb, BLOCK).index_select(0, hot)
     above = cand >= th16.index_select(0, hot.div(nb, rounding_mode="floor"))[:, None]
     within = above.view(-1).nonzero().squeeze(1)
     block = within.div(BLOCK, rounding_mode="floor")
     pos = hot.index_select(0, block) * BLOCK + (within - block * BLOCK)  # ascending in [B*F]
 
-    lay = sparse.flat_layout(pos, 1, B, F_)
-    col = lay.cols
-    v = lay.sampled(a, W_rows) + b.index_select(0, col)
+    lay = sparse.flat_layout(pos, 1, B, nb * BLOCK)
+    v = lay.sampled(a, W_rows) + b.index_select(0, lay.cols)
     # The bound's own check, on every candidate: a GEMM rounding otherwise than assumed shows.
-    s_c = s.view(-1).index_select(0, pos).float()
-    slack = C.index_select(0, lay.rows) + T * s_c.abs() + ev.index_select(0, lay.rows)
+    s_c = sc.s.view(-1).index_select(0, pos).float()
+    slack = sc.C.index_select(0, lay.rows) + sc.T * s_c.abs() + sc.ev.index_select(0, lay.rows)
     if not bool(((s_c - v).abs() <= slack).all()):
         _broken = True
         warnings.warn(
             "the bfloat16 screen of the top-k selection exceeded its error bound on this CPU; "
             "selecting from float32 pre-activations from now on",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
+    return lay, v
+
+
+@torch.no_grad()
+def top_latents(a: Tensor, W_rows: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Each token's k largest of z = a W_rows^T + b, exactly, or None where the screen cannot
+    serve this batch.
+
+    a: [B, d] float32 (x~ = scaled input minus b_dec); W_rows: [F, d] the encoder's rows (one
+    per latent); b: [F]. Returns (latents [B, k], ascending along each row; their values [B, k]
+    as float32 dot products plus b).
+    """
+    B, F_ = a.shape[0], W_rows.shape[0]
+    if k > F_ // BLOCK or B == 0:
+        return None
+    sc = _screen(a, W_rows, b)
+    if sc is None:
+        return None
+    # t: the k-th largest of the token's block maxima, <= its k-th largest s (k blocks have a
+    # maximum >= t); exact where positive. At least k latents have z >= t - C - T t (the k with
+    # s >= t), so the k-th largest v is >= that - ev; a latent with s below the threshold for
+    # q = that - ev - C - ev has v < that - ev, strictly: it cannot be kept, nor tie the k-th.
+    t16 = sc.block_max.topk(k, dim=-1, sorted=False).values.amin(-1)
+    t = t16.view(torch.bfloat16).float()
+    q = torch.where(t16 > 0, t - sc.T * t - 2 * sc.C - 2 * sc.ev, 0.0)
+    th16 = _thresholds(sc, q)
+    if int((th16 == torch.iinfo(torch.int16).min).sum()) * 8 > B:
+        return None  # many whole rows: the float32 GEMM is cheaper
+    got = _candidates(sc, a, W_rows, b, th16)
+    if got is None:
+        return None
+    lay, v = got
 
     # Each token's candidates packed into a row of `width`, ascending latents, -inf padding.
     counts = lay.crow[1:] - lay.crow[:-1]
     width = int(counts.max())
-    dest = lay.rows * width + (torch.arange(pos.numel()) - lay.crow.index_select(0, lay.rows))
+    dest = lay.rows * width + (torch.arange(v.numel()) - lay.crow.index_select(0, lay.rows))
     packed = v.new_full((B * width,), -math.inf).index_put_((dest,), v)
-    latent = col.new_zeros(B * width).index_put_((dest,), col)
+    latent = lay.cols.new_zeros(B * width).index_put_((dest,), lay.cols)
     vals, idx = sparse.top_sets(packed.view(1, B, width), [k])
     latents = latent.view(B, width).gather(1, idx[0])
     latents, order = latents.sort(-1)
     return latents, vals[0].gather(1, order)
+
+
+@torch.no_grad()
+def top_of_batch(a: Tensor, W_rows: Tensor, b: Tensor, kB: int) -> tuple[Tensor, Tensor] | None:
+    """The kB largest of z = a W_rows^T + b over the whole [B, F] batch (BatchTopK), exactly, a
+    tie at the kB-th keeping the lowest flat positions; or None where the screen cannot serve
+    this batch. Returns (flat positions b * F + j [kB], ascending; their values [kB])."""
+    B, F_ = a.shape[0], W_rows.shape[0]
+    nb = F_ // BLOCK
+    if B == 0 or kB > B * nb:
+        return None
+    sc = _screen(a, W_rows, b)
+    if sc is None:
+        return None
+    # Each block whose maximum is positive witnesses a latent with z >= its maximum's lower
+    # bound (s - C - T s, by its token's C): the kB-th largest of those bounds, L, is <= the
+    # kB-th largest z of the batch, and L - max(ev) <= the kB-th largest v. A token's latent
+    # with s below the threshold for q = L - max(ev) - ev - C has v < that, strictly.
+    m = sc.block_max.view(torch.bfloat16).float()
+    low = torch.where(sc.block_max > 0, m - sc.T * m - sc.C[:, None], -math.inf)
+    low_k = low.view(-1).kthvalue(B * nb - kB + 1).values
+    if not bool(low_k > -math.inf):
+        return None
+    q = low_k - sc.ev.max() - sc.ev - sc.C
+    th16 = _thresholds(sc, q)
+    if int((th16 == torch.iinfo(torch.int16).min).sum()) * 8 > B:
+        return None
+    got = _candidates(sc, a, W_rows, b, th16)
+    if got is None:
+        return None
+    lay, v = got
+    # The kB largest v, a tie at the kB-th keeping the lowest positions (the candidates are in
+    # ascending flat order): a selection, not a sort.
+    edge = v.kthvalue(v.numel() - kB + 1).values
+    above, equal = v > edge, v == edge
+    keep = above | (equal & (equal.cumsum(0) <= kB - above.sum()))
+    idx = keep.nonzero().squeeze(1)
+    return lay.flat.index_select(0, idx), v.index_select(0, idx)
