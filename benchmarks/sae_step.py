@@ -8,7 +8,9 @@ For each width and S it times one full step (forward, backward, StackAdam step) 
   (c) sparse: one stack of S members with saev's sparse encoder backward and embedding-bag decode,
 and the time of the encoder forward matmul alone. It prints the ratios of DESIGN §8:
 stack vs loop (want >= 1 at every S), topk step / encoder matmul (want <= 1.3), and the
-bfloat16 step over the float32 one (want <= 0.9).
+bfloat16 step over the float32 one (want <= 0.9). On a CPU with bfloat16 GEMMs the float32 topk
+step selects its latents through a bfloat16 screen (saev.nn.screen: a bfloat16 GEMM, a rigorous
+error bound, float32 values for the candidates); the step without it is printed as well.
 
     python benchmarks/sae_step.py                # full sizes: d=768, widths 8x,16x, k=32, batch 4096, S 1,4,16 (GPU)
     python benchmarks/sae_step.py --quick        # small sizes that finish in minutes on a CPU
@@ -122,7 +124,10 @@ def bench_matmul_ratio(
         )
     t_step = timed(lambda: sparse_step(one, opt, x), args.iters, device)
     t_bf16 = timed(lambda: sparse_step(one, opt, x, bf16=True), args.iters, device)
-    return t_mm, t_step, t_bf16
+    # The same step with every pre-activation from the float32 GEMM (no bfloat16 screen).
+    one.screen_from_d_sae = None
+    t_gemm = timed(lambda: sparse_step(one, opt, x), args.iters, device)
+    return t_mm, t_step, t_bf16, t_gemm
 
 
 def bench_family_step(args, family: str, d_sae: int, x: torch.Tensor, device: torch.device):
@@ -286,11 +291,12 @@ def main() -> None:
                 f"{width:>6}x {S:>3} {t_loop * 1e3:9.1f} {t_stack * 1e3:9.1f} {t_sparse * 1e3:9.1f}"
                 f" {t_loop / t_stack:10.2f} {t_loop / t_sparse:11.2f}"
             )
-        t_mm, t_step, t_bf16 = bench_matmul_ratio(args, width * args.d, x, device)
+        t_mm, t_step, t_bf16, t_gemm = bench_matmul_ratio(args, width * args.d, x, device)
         print(
             f"  width {width}x: encoder matmul {t_mm * 1e3:.1f} ms, topk step {t_step * 1e3:.1f} ms,"
             f" ratio {t_step / t_mm:.2f}; bfloat16 step {t_bf16 * 1e3:.1f} ms,"
-            f" bf16/fp32 {t_bf16 / t_step:.2f}"
+            f" bf16/fp32 {t_bf16 / t_step:.2f}; without the bfloat16 screen"
+            f" {t_gemm * 1e3:.1f} ms, ratio {t_gemm / t_mm:.2f}"
         )
         for dead in args.auxk_dead:
             t_aux = bench_auxk(args, width * args.d, dead, x, device)
