@@ -1,4 +1,4 @@
-"""Exact per-token top-k of float32 pre-activations, screened by a bfloat16 GEMM (CPU).
+"""Exact top-k of float32 pre-activations, screened by a bfloat16 GEMM (CPU).
 
 A TopK step needs the encoder's pre-activations only where it keeps them: k of d_sae per
 token. Yet computing them all is the encoder matmul, three quarters of a float32 TopK step on
@@ -12,18 +12,22 @@ the time (94 vs 199 ms at [4096, 768] x [768, 6144]). So:
    Cauchy-Schwarz for their products, and the float32 accumulation and bfloat16 output
    roundings of the GEMM;
 3. candidates: the latents whose screen value could still put them among the token's k
-   largest (~70 of 6,144 per token at d_vit 768);
+   largest (~70 of 6,144 per token at d_vit 768), found by comparing bfloat16 bit patterns as
+   int16 (the same order for positive values; a token whose threshold is not positive takes
+   its whole row), only in the blocks of 32 whose maximum passes;
 4. exact: float32 dot products for the candidates only (torch's sampled matmul: each entry
    one dot product, the same whatever else is computed), plus b; the token keeps the k
    largest of those, a tie at the boundary keeping the lowest latents (`sparse.top_sets`).
 
-The values are float32 dot products (rounded in another order than a GEMM's, so they differ
-from `x~ W_enc + b_enc` in the last bits), and the selection is exactly the top k of them:
-every latent left out has, by the bound, a smaller exact value than the k kept.
+`top_latents` selects per token (TopK), `top_of_batch` the k·B largest of a whole batch
+(BatchTopK: a lower bound on the batch's kB-th value from its block maxima, then the same
+per-token thresholds). The values are float32 dot products (rounded in another order than a
+GEMM's, so they differ from `x~ W_enc + b_enc` in the last bits), and the selection is exactly
+the top k of them: every latent left out has, by the bound, a smaller exact value than the k
+kept.
 
 The screen gives up (returns None: the caller computes the float32 GEMM) for a member whose
-inputs are not finite or whose k-th largest screen value is not clearly positive (the
-candidate test compares bfloat16 bit patterns as int16, valid for positive thresholds). If a
+inputs are not finite or where more than one token in 8 would take its whole row. If a
 candidate ever lies outside the bound (a GEMM that does not round as assumed), it warns once
 and stops screening for the process.
 """
@@ -121,12 +125,12 @@ def _screen(a: Tensor, W_rows: Tensor, b: Tensor) -> _Screen | None:
     return _Screen(s, block_max, C, ev)
 
 
-def _thresholds(sc: _Screen, q: Tensor) -> Tensor:
+def _thresholds(sc: _Screen, q: Tensor, scale: Tensor) -> Tensor:
     """[B] int16 keys: each token's candidates are its s >= theta, theta (1 + T) = q (a latent
-    below theta has s + C + T|s| < q). A token whose q is not positive takes every latent (the
-    smallest key): int16 order is s's order for positive values only."""
-    theta = q / (1 + sc.T)
-    theta = theta - theta.abs() * 1e-5  # the float32 arithmetic of q and theta
+    below theta has s + C + T|s| < q). `scale` bounds the magnitudes q was computed from: its
+    float32 rounding is far below 1e-5 of that. A token whose q is not positive takes every
+    latent (the smallest key): int16 order is s's order for positive values only."""
+    theta = q / (1 + sc.T) - 1e-5 * scale
     # The largest bfloat16 <= theta (s is bfloat16: s >= theta exactly when s >= that).
     th = theta.bfloat16()
     th16 = th.view(torch.int16) - (th.float() > theta).to(torch.int16)
@@ -187,7 +191,7 @@ def top_latents(a: Tensor, W_rows: Tensor, b: Tensor, k: int) -> tuple[Tensor, T
     t16 = sc.block_max.topk(k, dim=-1, sorted=False).values.amin(-1)
     t = t16.view(torch.bfloat16).float()
     q = torch.where(t16 > 0, t - sc.T * t - 2 * sc.C - 2 * sc.ev, 0.0)
-    th16 = _thresholds(sc, q)
+    th16 = _thresholds(sc, q, t.abs() + 2 * sc.C + 2 * sc.ev)
     if int((th16 == torch.iinfo(torch.int16).min).sum()) * 8 > B:
         return None  # many whole rows: the float32 GEMM is cheaper
     got = _candidates(sc, a, W_rows, b, th16)
@@ -229,7 +233,7 @@ def top_of_batch(a: Tensor, W_rows: Tensor, b: Tensor, kB: int) -> tuple[Tensor,
     if not bool(low_k > -math.inf):
         return None
     q = low_k - sc.ev.max() - sc.ev - sc.C
-    th16 = _thresholds(sc, q)
+    th16 = _thresholds(sc, q, m.abs().max() + 2 * sc.C.max() + 2 * sc.ev.max())
     if int((th16 == torch.iinfo(torch.int16).min).sum()) * 8 > B:
         return None
     got = _candidates(sc, a, W_rows, b, th16)
