@@ -42,11 +42,13 @@ def case(kind, B=128, d=768, F_=2048, seed=0):
         b[1::2] = b[::2]
     if kind == "offset":  # a shared input direction: every pre-activation far from 0
         a = a + 40 * torch.randn(1, d, generator=g)
+    if kind == "zeros":  # tokens whose every value is 0: no positive threshold, whole rows
+        a[::16] = 0
     return a, W, b
 
 
 @needs_bf16
-@pytest.mark.parametrize("kind", ["gauss", "bias", "ties", "offset"])
+@pytest.mark.parametrize("kind", ["gauss", "bias", "ties", "offset", "zeros"])
 @pytest.mark.parametrize("k", [1, 8, 32])
 def test_screen_keeps_the_exact_top_k_of_its_float32_values(kind, k):
     a, W, b = case(kind)
@@ -61,7 +63,7 @@ def test_screen_keeps_the_exact_top_k_of_its_float32_values(kind, k):
 
 
 @needs_bf16
-@pytest.mark.parametrize("kind", ["gauss", "bias", "ties", "offset"])
+@pytest.mark.parametrize("kind", ["gauss", "bias", "ties", "offset", "zeros"])
 @pytest.mark.parametrize("k", [1, 8, 32])
 def test_batch_screen_keeps_the_exact_top_k_b_of_its_float32_values(kind, k):
     a, W, b = case(kind, B=64)
