@@ -185,3 +185,15 @@ def test_largest_of_bfloat16_rows_gives_torch_topks_values():
     assert torch.equal(v.gather(1, got_idx), want.values)
     v[5] = -1.0  # a row with no positive entry: torch.topk for the whole tensor
     assert torch.equal(sparse.largest(v, 33)[0], v.topk(33, dim=-1).values)
+
+
+def test_bfloat16_top_sets_choose_per_member():
+    """Of equal bfloat16 values a member keeps what it keeps alone, whatever the other members'
+    rows make `largest` do (here one all-negative row of member 1 sends its rows to torch.topk)."""
+    g = torch.Generator().manual_seed(0)
+    m0 = (torch.randn(256, 2048, generator=g).abs() + 0.05).bfloat16()  # ties at every k
+    m1 = m0.clone()
+    m1[0] = -1.0
+    together = sparse.top_sets(torch.stack([m0, m1]), [16, 16])[1][0]
+    alone = sparse.top_sets(m0[None], [16])[1][0]
+    assert torch.equal(together, alone)

@@ -517,6 +517,37 @@ def test_float32_stack_member_is_bit_identical_to_the_member_alone(family, monke
         assert screened and all(screened)
 
 
+@pytest.mark.parametrize("family", ["topk", "batchtopk"])
+def test_bfloat16_members_with_equal_k_match_their_alone_runs(family):
+    """Under bfloat16 autocast ties are torch.topk's (or the prefilter's) choice, not repaired;
+    members with the same k still train as they do alone: each member's selection takes its
+    own path. 2,048 latents: `sparse.largest`'s bfloat16 prefilter is in play."""
+    d, f, b = 64, 2048, 512
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * b, d, generator=g) * 3 + 1
+    members = [{"k": 16, "seed": s} for s in range(3)]
+
+    def three_steps(ms):
+        stack = saev.nn.make_stack(family, d_vit=d, d_sae=f, members=ms)
+        stack.init_from_data(x)
+        opt = saev.nn.StackAdam(stack, lr=1e-2)
+        for i in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = stack(x[i * b : (i + 1) * b])
+            opt.zero_grad()
+            out.losses["total"].sum().backward()
+            opt.step(out.losses["total"].detach())
+        return stack
+
+    together = three_steps(members)
+    for i, member in enumerate(members):
+        alone = three_steps([member])
+        for (name, a), (_, t) in zip(
+            alone.state_dict().items(), together.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a[0], t[i]), f"member {i} {name}"
+
+
 def assert_brute_force_sets(values, ks, vals, idx):
     """Each member's first k of (vals, idx) are its k largest, ties broken by the lowest index,
     as sorting by (value descending, index ascending) picks them; rows whose k-th value is

@@ -138,10 +138,6 @@ class TopKStack(Stack):
             return sparse.attach_pre(vals, xs, self.b_dec, self.W_enc, self.b_enc, layout)
         return vals.to(self.W_dec.dtype)
 
-    def _select(self, pre: Tensor, xs: Tensor, layout: sparse.Layout) -> Tensor:
-        """Values of `pre` ([S, B, F]) at the layout's positions, as `_attach`."""
-        return self._attach(pre.reshape(-1).index_select(0, layout.flat), xs, layout)
-
     @torch.no_grad()
     def _top_entries(self, xs: Tensor, ns: list[int], screened, plain):
         """Each member's selection of its ns[s] largest pre-activations (per token, or over the

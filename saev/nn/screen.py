@@ -33,6 +33,7 @@ and stops screening for the process.
 """
 
 import dataclasses
+import functools
 import math
 import warnings
 
@@ -44,7 +45,8 @@ from saev.nn import sparse
 BLOCK = 32
 """Entries per block for the screen's block maxima (its threshold); d_sae must be a multiple."""
 
-_broken = False
+WHOLE = torch.iinfo(torch.int16).min
+"""The threshold key of a token that takes every latent as a candidate."""
 
 
 def available(W_enc: Tensor, d_sae: int, min_d_sae: int | None) -> bool:
@@ -52,7 +54,6 @@ def available(W_enc: Tensor, d_sae: int, min_d_sae: int | None) -> bool:
     outside autocast, rows of at least `min_d_sae` latents (None: never)."""
     return (
         min_d_sae is not None
-        and not _broken
         and d_sae >= min_d_sae
         and d_sae % BLOCK == 0
         and W_enc.device.type == "cpu"
@@ -63,14 +64,18 @@ def available(W_enc: Tensor, d_sae: int, min_d_sae: int | None) -> bool:
 
 
 def _fast_bf16_gemm() -> bool:
-    """Whether this CPU runs bfloat16 GEMMs natively (avx512_bf16 or AMX) through oneDNN;
-    elsewhere oneDNN emulates them, slower than float32."""
+    """Whether this CPU runs bfloat16 GEMMs natively (avx512_bf16 or AMX) through oneDNN
+    (available and not turned off); elsewhere they are emulated, slower than float32."""
+    return _native_bf16() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+@functools.cache
+def _native_bf16() -> bool:
     cpu = torch.cpu
-    native = any(
+    return any(
         getattr(cpu, name, lambda: False)()
         for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     )
-    return native and torch.backends.mkldnn.is_available()
 
 
 @dataclasses.dataclass
@@ -115,11 +120,19 @@ def _screen(a: Tensor, W_rows: Tensor, b: Tensor) -> _Screen | None:
     rb = (b - b16.float()).abs().max()
     if not bool(torch.isfinite(an).all()) or not bool((ah * wh + bh < 1e30).all()):
         return None
+    # float32 norms lose squares below the smallest normal float: at most this much each.
+    tiny = math.sqrt(d * 2.0**-126)
+    an, ah, ra, wn, wh, rw = (n + tiny for n in (an, ah, ra, wn, wh, rw))
     # |s_j - z_j| <= C + T|s_j|: a W - a^ W^ = (a - a^) W + a^ (W - W^) (Cauchy-Schwarz on each),
-    # the bias's rounding, the GEMM's accumulation, and two bfloat16 roundings of its output
-    # (the product, then product + bias), the second relative to s itself; 1e-30 covers
-    # flushed subnormal products.
-    C = 1.01 * (ra * wn + ah * rw + rb + g * ah * wh + 1.01 * u16 * bh) + 1e-30
+    # the bias's rounding, the GEMM's accumulation, and two bfloat16 roundings of its output:
+    # of product + bias, relative to s itself, and of the product p (if rounded first), at
+    # most u|p| <= u min(|s| (1 + u) + |b^|, (1 + g) |a^| |W^|). The last term covers products
+    # and inputs a GEMM flushes to 0 as subnormal.
+    C = (
+        1.01 * (ra * wn + ah * rw + rb + g * ah * wh + 1.01 * u16 * torch.clamp(ah * wh, max=bh))
+        + tiny * (wh + ah)
+        + 1e-30
+    )
     ev = 1.01 * (g * an * wn + 2 * u32 * (an * wn + bm)) + 1e-30
     block_max = s.view(torch.int16).view(B, -1, BLOCK).amax(-1)
     return _Screen(s, block_max, C, ev)
@@ -134,7 +147,7 @@ def _thresholds(sc: _Screen, q: Tensor, scale: Tensor) -> Tensor:
     # The largest bfloat16 <= theta (s is bfloat16: s >= theta exactly when s >= that).
     th = theta.bfloat16()
     th16 = th.view(torch.int16) - (th.float() > theta).to(torch.int16)
-    return torch.where(theta > 0, th16, torch.iinfo(torch.int16).min)
+    return torch.where(theta > 0, th16, WHOLE)
 
 
 def _candidates(
@@ -142,7 +155,6 @@ def _candidates(
 ) -> tuple[sparse.Layout, Tensor] | None:
     """The layout of the candidates (s >= each token's threshold) and their exact values v, or
     None if one of them lies outside the bound (then the screen is off for the process)."""
-    global _broken
     B, nb = sc.block_max.shape
     # Looked for only in blocks whose maximum passes (a third of them at k 32).
     hot = (sc.block_max >= th16[:, None]).view(-1).nonzero().squeeze(1)  # ascending block ids
@@ -158,10 +170,11 @@ def _candidates(
     s_c = sc.s.view(-1).index_select(0, pos).float()
     slack = sc.C.index_select(0, lay.rows) + sc.T * s_c.abs() + sc.ev.index_select(0, lay.rows)
     if not bool(((s_c - v).abs() <= slack).all()):
-        _broken = True
+        # Per member and batch (a member alone decides the same); never seen on this project's
+        # CPUs: a GEMM that rounds otherwise than assumed.
         warnings.warn(
             "the bfloat16 screen of the top-k selection exceeded its error bound on this CPU; "
-            "selecting from float32 pre-activations from now on",
+            "this member selects from float32 pre-activations in this batch",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -192,23 +205,37 @@ def top_latents(a: Tensor, W_rows: Tensor, b: Tensor, k: int) -> tuple[Tensor, T
     t = t16.view(torch.bfloat16).float()
     q = torch.where(t16 > 0, t - sc.T * t - 2 * sc.C - 2 * sc.ev, 0.0)
     th16 = _thresholds(sc, q, t.abs() + 2 * sc.C + 2 * sc.ev)
-    if int((th16 == torch.iinfo(torch.int16).min).sum()) * 8 > B:
+    whole = th16 == WHOLE
+    if int(whole.sum()) * 8 > B:
         return None  # many whole rows: the float32 GEMM is cheaper
     got = _candidates(sc, a, W_rows, b, th16)
     if got is None:
         return None
     lay, v = got
 
-    # Each token's candidates packed into a row of `width`, ascending latents, -inf padding.
-    counts = lay.crow[1:] - lay.crow[:-1]
-    width = int(counts.max())
-    dest = lay.rows * width + (torch.arange(v.numel()) - lay.crow.index_select(0, lay.rows))
-    packed = v.new_full((B * width,), -math.inf).index_put_((dest,), v)
-    latent = lay.cols.new_zeros(B * width).index_put_((dest,), lay.cols)
+    # Each token's candidates packed into a row of `width`, ascending latents, -inf padding;
+    # tokens that took their whole row are selected apart (one would widen every row to F).
+    rows, cols, vs, start = lay.rows, lay.cols, v, lay.crow[:-1]
+    counts = lay.crow[1:] - start
+    any_whole = bool(whole.any())
+    if any_whole:
+        part = ~whole.index_select(0, lay.rows)
+        rows, cols, vs = rows[part], cols[part], vs[part]
+        counts = counts.masked_fill(whole, 0)
+        start = torch.cumsum(counts, 0) - counts
+    width = max(int(counts.max()), 1)
+    dest = rows * width + (torch.arange(vs.numel()) - start.index_select(0, rows))
+    packed = v.new_full((B * width,), -math.inf).index_put_((dest,), vs)
+    latent = cols.new_zeros(B * width).index_put_((dest,), cols)
     vals, idx = sparse.top_sets(packed.view(1, B, width), [k])
-    latents = latent.view(B, width).gather(1, idx[0])
+    vals, latents = vals[0], latent.view(B, width).gather(1, idx[0])
+    if any_whole:
+        w = whole.nonzero().squeeze(1)
+        full = v[~part].view(1, len(w), F_)  # every latent of those tokens, ascending
+        w_vals, w_idx = sparse.top_sets(full, [k])
+        vals, latents = vals.index_copy(0, w, w_vals[0]), latents.index_copy(0, w, w_idx[0])
     latents, order = latents.sort(-1)
-    return latents, vals[0].gather(1, order)
+    return latents, vals.gather(1, order)
 
 
 @torch.no_grad()
@@ -234,7 +261,7 @@ def top_of_batch(a: Tensor, W_rows: Tensor, b: Tensor, kB: int) -> tuple[Tensor,
         return None
     q = low_k - sc.ev.max() - sc.ev - sc.C
     th16 = _thresholds(sc, q, m.abs().max() + 2 * sc.C.max() + 2 * sc.ev.max())
-    if int((th16 == torch.iinfo(torch.int16).min).sum()) * 8 > B:
+    if int((th16 == WHOLE).sum()) * 8 > B:
         return None
     got = _candidates(sc, a, W_rows, b, th16)
     if got is None:

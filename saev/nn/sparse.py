@@ -162,7 +162,10 @@ def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
     torch.topk is fast already, and short rows (`_prefilter_block`). bfloat16 is compared as
     its bit patterns (int16: the same order for positive values, negative ones below every
     positive one, and element-wise passes several times faster), so there every row's t must
-    be positive and finite.
+    be positive and finite; one exception to "torch.topk's values": a bfloat16 NaN with its
+    sign bit set is passed over where torch.topk ranks every NaN largest (a scan for them
+    would cost more than the selection; NaN pre-activations come from NaN inputs or weights,
+    and a NaN input row has no positive t, so torch.topk takes it).
     """
     n = values.shape[-1]
     size = _prefilter_block(n, m)
@@ -227,7 +230,10 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
     """
     kmax, n = max(ks), values.shape[-1]
     if values.dtype not in (torch.float32, torch.float64):
-        return largest(values, min(kmax, n))
+        # Member by member: `largest` picks its path (prefilter or torch.topk, which may keep
+        # different ones of equal values) from the member's own rows, as it does alone.
+        tops = [largest(v, min(kmax, n)) for v in values.unbind(0)]
+        return torch.stack([t[0] for t in tops]), torch.stack([t[1] for t in tops])
     # One extra entry shows whether the value at a boundary continues past it.
     vals, idx = largest(values, min(kmax + 1, n))
     for s, k in enumerate(ks):
