@@ -129,7 +129,7 @@ class TopKStack(Stack):
     screen_from_d_sae: typing.ClassVar[int | None] = 2048
     """Screen the per-token selection in bfloat16 (saev.nn.screen) from this d_sae on (None:
     never). Measured on a 2-core AVX-512 CPU: the step at d_vit 768, d_sae 6,144, k 32 goes
-    from 1.36x to ~1.0x the float32 encoder matmul (docs/benchmarks.md)."""
+    from 1.36x to 1.06-1.11x the float32 encoder matmul (docs/benchmarks.md)."""
 
     def _attach(self, vals: Tensor, xs: Tensor, layout: sparse.Layout) -> Tensor:
         """Pre-activation values at the layout's positions ([nnz], computed without grad), with
@@ -139,7 +139,13 @@ class TopKStack(Stack):
         return vals.to(self.W_dec.dtype)
 
     @torch.no_grad()
-    def _top_entries(self, xs: Tensor, ns: list[int], screened, plain):
+    def _top_entries(
+        self,
+        xs: Tensor,
+        ns: list[int],
+        screened: typing.Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor] | None],
+        plain: typing.Callable[[Tensor, list[int]], tuple[list[Tensor], list[Tensor]]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
         """Each member's selection of its ns[s] largest pre-activations (per token, or over the
         batch): (where, values, pre), lists over members. `screened(a, W_rows, b_enc, n)` selects
         through the bfloat16 screen (saev.nn.screen) or returns None; members it does not serve
