@@ -381,7 +381,7 @@ class _AttachPre(torch.autograd.Function):
         ctx.layout = layout
         # Under bfloat16 autocast the values come from a bf16 matmul; the codes and everything
         # after them are float32 (the master weights' dtype).
-        return vals.to(W_enc.dtype, copy=True)
+        return vals.to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, g):

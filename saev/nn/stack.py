@@ -335,15 +335,19 @@ class Stack(nn.Module, abc.ABC):
         return self.scale[:, None, None].to(x.dtype) * x
 
     def pre_acts(self, xs: Tensor) -> Tensor:
-        """pre = (xs - b_dec) W_enc + b_enc: [S, B, F], differentiable when grad is enabled
-        (with `sparse.dense_pre`'s backward)."""
+        """pre = (xs - b_dec) W_enc + b_enc: [S, B, F], differentiable when grad is enabled."""
+        return self._centred_affine(xs, self.W_enc, self.b_enc)
+
+    def _centred_affine(self, xs: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        """(xs - b_dec) W + b ([S, B, F]; W [S, d, F], b [S, F]): one GEMM per member
+        (`products.member_matmul`), and where grad is enabled `sparse.dense_pre`'s backward,
+        which takes b_dec's gradient from the token sum, not from a third [B, F] x [F, d]
+        product. The encoder, and the variational families' log-variance head."""
         with torch.no_grad():
-            pre = products.member_matmul(
-                xs - self.b_dec[:, None, :], self.W_enc, self.b_enc[:, None, :]
-            )
+            out = products.member_matmul(xs - self.b_dec[:, None, :], W, b[:, None, :])
         if not torch.is_grad_enabled():
-            return pre
-        return sparse.dense_pre(pre, xs, self.b_dec, self.W_enc, self.b_enc)
+            return out
+        return sparse.dense_pre(out, xs, self.b_dec, W, b)
 
     @abc.abstractmethod
     def _encode(
