@@ -644,6 +644,39 @@ def test_largest_of_no_rows_is_empty():
     assert vals.shape == idx.shape == (0, 33)
 
 
+@pytest.mark.parametrize("F_", [F, 30_000])  # S*F within 16 bits (numpy's radix sort) or not
+def test_layout_by_column_orders_entries_by_column_then_row(F_):
+    g = torch.Generator().manual_seed(6)
+    S, B, k = 3, 50, 5
+    lay = sparse.topk_layout(
+        torch.randn(S, B, F_, generator=g).topk(k, dim=-1).indices, [k] * S, F_
+    )
+    order, rows, ccol = lay.by_col()
+    want = sorted(range(lay.cols.numel()), key=lambda i: (int(lay.cols[i]), int(lay.rows[i])))
+    assert order.dtype == torch.int64 and order.tolist() == want
+    assert torch.equal(rows, lay.rows[order])
+    counts = torch.bincount(lay.cols, minlength=S * F_)
+    assert torch.equal(ccol, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_nonzero_is_torchs_flattened_nonzero(device):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 17, generator=g).to(device)
+    cases = [
+        x > 1.0,  # sparse
+        x > -3.0,  # nearly all
+        x > 10.0,  # none
+        (x > 0).transpose(1, 2),  # not contiguous: positions in the logical (row-major) order
+        torch.where(x > 0.5, x, 0.0),  # a float tensor: its nonzero entries
+        torch.ones(0, 5, dtype=torch.bool, device=device),
+    ]
+    for mask in cases:
+        got = sparse.flat_nonzero(mask)
+        assert got.dtype == torch.int64 and got.device == mask.device
+        assert torch.equal(got, mask.reshape(-1).nonzero().squeeze(1))
+
+
 @pytest.mark.parametrize("high", [3, 10_000])  # ties at the boundary in most rows; in none
 def test_top_mask_keeps_each_rows_k_largest_lowest_columns_at_a_tie(high):
     g = torch.Generator().manual_seed(4)

@@ -96,7 +96,7 @@ class ReLUStack(Stack):
             f = torch.relu(sparse.dense_pre(pre, xs, b_dec, W_enc, b_enc))
             return Codes(S, B, self.d_sae, dense=f), f.sum(-1).mean(-1)
         with torch.no_grad():
-            active = (pre > 0).reshape(-1).nonzero().squeeze(1)
+            active = sparse.flat_nonzero(pre > 0)
             layout = sparse.flat_layout(active, S, B, self.d_sae)
         vals = sparse.gather_pre(pre, xs, b_dec, W_enc, b_enc, layout)
         # Each member's entries are one run of vals: summed in order, as index_add would.
@@ -267,7 +267,8 @@ class TopKStack(Stack):
                     sets.append(c.expand(B, n))
                     vals.append(sub.reshape(-1))
                 else:
-                    sets.append(c.index_select(0, keep.nonzero()[:, 1]).view(B, k_aux))
+                    picked = sparse.flat_nonzero(keep) % n  # row-major: each row's k_aux latents
+                    sets.append(c.index_select(0, picked).view(B, k_aux))
                     vals.append(sub.masked_select(keep))  # row-major: the layout's order
         hat = xs.new_zeros(S, B, self.d_vit)
         if any(x.shape[1] for x in sets):

@@ -157,10 +157,10 @@ def _candidates(
     None if one of them lies outside the bound (then the screen is off for the process)."""
     B, nb = sc.block_max.shape
     # Looked for only in blocks whose maximum passes (a third of them at k 32).
-    hot = (sc.block_max >= th16[:, None]).view(-1).nonzero().squeeze(1)  # ascending block ids
+    hot = sparse.flat_nonzero(sc.block_max >= th16[:, None])  # ascending block ids
     cand = sc.keys.view(B * nb, BLOCK).index_select(0, hot)
     above = cand >= th16.index_select(0, hot.div(nb, rounding_mode="floor"))[:, None]
-    within = above.view(-1).nonzero().squeeze(1)
+    within = sparse.flat_nonzero(above)
     block = within.div(BLOCK, rounding_mode="floor")
     pos = hot.index_select(0, block) * BLOCK + (within - block * BLOCK)  # ascending in [B*F]
 
@@ -230,7 +230,7 @@ def top_latents(a: Tensor, W_rows: Tensor, b: Tensor, k: int) -> tuple[Tensor, T
     vals, idx = sparse.top_sets(packed.view(1, B, width), [k])
     vals, latents = vals[0], latent.view(B, width).gather(1, idx[0])
     if any_whole:
-        w = whole.nonzero().squeeze(1)
+        w = sparse.flat_nonzero(whole)
         full = v[~part].view(1, len(w), F_)  # every latent of those tokens, ascending
         w_vals, w_idx = sparse.top_sets(full, [k])
         vals, latents = vals.index_copy(0, w, w_vals[0]), latents.index_copy(0, w, w_idx[0])
@@ -272,5 +272,5 @@ def top_of_batch(a: Tensor, W_rows: Tensor, b: Tensor, kB: int) -> tuple[Tensor,
     edge = v.kthvalue(v.numel() - kB + 1).values
     above, equal = v > edge, v == edge
     keep = above | (equal & (equal.cumsum(0) <= kB - above.sum()))
-    idx = keep.nonzero().squeeze(1)
+    idx = sparse.flat_nonzero(keep)
     return lay.flat.index_select(0, idx), v.index_select(0, idx)

@@ -31,11 +31,27 @@ import math
 import typing
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from saev.nn.products import member_matmul
+
+
+def flat_nonzero(mask: Tensor) -> Tensor:
+    """Ascending positions (int64) of the nonzero entries of `mask` flattened:
+    `mask.reshape(-1).nonzero().squeeze(1)`.
+
+    On the CPU through numpy's `flatnonzero`, 1.7-7x faster than torch's nonzero on a 2-core
+    CPU (6.3M entries at 3% nonzero: 2.9 against 5.1 ms; at 0.1%: 0.7 against 4.5 ms; inside
+    a relu sweep step, the comparison included, 4.7 against 5.4 ms): the relu step's active
+    pairs, the screen's candidates and the layouts' selections all take their positions here.
+    Elsewhere torch's own.
+    """
+    if mask.device.type != "cpu":
+        return mask.reshape(-1).nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.detach().numpy())).long()
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,7 +91,13 @@ class Layout:
         i.e. the CSR structure of C^T. Computed once per layout."""
         if self._by_col is None:
             n_rows = self.S * self.B
-            if self.S * self.F * n_rows < 2**31:
+            if self.cols.device.type == "cpu" and self.S * self.F <= 2**16:
+                # Rows are ascending, so a stable sort by column alone orders by (column,
+                # row); numpy sorts 16-bit integers by radix: 0.10 against 1.04 ms for the
+                # 24.6k entries of a top-6 batch, 0.58 against 0.79 ms for 131k.
+                cols16 = self.cols.numpy().astype(np.uint16)
+                order = torch.from_numpy(np.argsort(cols16, kind="stable")).long()
+            elif self.S * self.F * n_rows < 2**31:
                 # (column, row) as one unique int32 key: any sort gives the same order, and
                 # int32 sorts ~3x faster than a stable int64 sort on the CPU.
                 order = torch.argsort(self.cols.int() * n_rows + self.rows.int())
@@ -90,7 +112,7 @@ class Layout:
 
     def select(self, keep: Tensor) -> tuple["Layout", Tensor]:
         """The layout of the entries where `keep` ([nnz] bool) holds, and their positions here."""
-        pos = keep.nonzero().squeeze(1)
+        pos = flat_nonzero(keep)
         rows, cols = self.rows.index_select(0, pos), self.cols.index_select(0, pos)
         crow = torch.searchsorted(rows, torch.arange(self.S * self.B + 1, device=rows.device))
         return Layout(rows, cols, crow, self.S, self.B, self.F), pos
@@ -195,7 +217,7 @@ def largest(values: Tensor, m: int) -> tuple[Tensor, Tensor]:
     chosen = (tops.indices + torch.arange(R)[:, None] * nb).view(-1)
     cand = blocks.index_select(0, chosen).view(R, m * size)
     # Pack each row's passing entries (flat positions into cand, ascending) into [R, width].
-    pos = (cand >= t).view(-1).nonzero().squeeze(1)
+    pos = flat_nonzero(cand >= t)
     row = pos.div(m * size, rounding_mode="floor")
     start = torch.searchsorted(row, torch.arange(R + 1))
     count = start[1:] - start[:-1]
@@ -252,7 +274,7 @@ def top_sets(values: Tensor, ks: typing.Sequence[int]) -> tuple[Tensor, Tensor]:
         equal = rows == v
         need = k - above.sum(-1, keepdim=True)
         keep = above | (equal & (equal.cumsum(-1) <= need))
-        picked = keep.nonzero()[:, 1].view(-1, k)  # [R, k], every row keeps exactly k
+        picked = (flat_nonzero(keep) % keep.shape[1]).view(-1, k)  # [R, k]: each row keeps k
         picked_vals = rows.gather(-1, picked)
         order = picked_vals.argsort(dim=-1, descending=True, stable=True)
         idx[s][tied, :k] = picked.gather(-1, order)
@@ -361,7 +383,7 @@ def positions_layout(pos: typing.Sequence[Tensor], B: int, F_: int) -> Layout:
 
 def flat_layout(flat: Tensor, S: int, B: int, F_: int) -> Layout:
     """Layout from ascending positions into a flattened [S, B, F] code tensor (as
-    `mask.reshape(-1).nonzero()` returns them for a whole stack's mask: ReLU)."""
+    `flat_nonzero(mask)` returns them for a whole stack's mask: ReLU)."""
     rows = torch.div(flat, F_, rounding_mode="floor")
     cols = flat - rows * F_ + torch.div(rows, B, rounding_mode="floor") * F_
     crow = torch.searchsorted(rows, torch.arange(S * B + 1, device=flat.device))
