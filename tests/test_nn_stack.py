@@ -592,10 +592,14 @@ def test_largest_gives_torch_topks_values_through_its_prefilter(monkeypatch):
     for dtype in (torch.float32, torch.float64):
         v = torch.randn(2, 300, 4096, generator=g, dtype=dtype)
         ties = (v * 20).round()  # values repeat often, even among the largest
-        for values, m in [(v, 33), (v, 5), (ties, 17), (v[0], 64), (v, 65)]:  # 65: blocks of 16
+        short = torch.randn(2, 300, 512, generator=g, dtype=dtype)
+        cases = [(v, 33), (v, 5), (ties, 17), (v[0], 64), (v, 65), (v, 256)]  # 65, 256: blocks of 8
+        # Rows of 512 past torch.topk's switch to nth_element (m * 64 > n): blocks of 8.
+        cases += [(short, 9), ((short * 20).round(), 17), (short, 32)]
+        for values, m in cases:
             widths.clear()
             vals, idx = sparse.largest(values, m)
-            assert widths[-1] < 4096 // 4, "the prefilter was not used"
+            assert widths[-1] < values.shape[-1] // 4, "the prefilter was not used"
             assert torch.equal(vals, values.topk(m, dim=-1).values)
             assert torch.equal(values.gather(-1, idx), vals)
             assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct latents
@@ -610,11 +614,13 @@ def test_largest_gives_torch_topks_values_through_its_prefilter(monkeypatch):
             assert torch.equal(vals.nan_to_num(), w.topk(33, dim=-1).values.nan_to_num())
 
 
-def test_top_sets_on_long_rows_with_ties_match_a_brute_force_choice():
-    """As above, on rows long enough for `largest`'s prefilter (ties among the largest)."""
+@pytest.mark.parametrize(("n", "ks"), [(2048, [2, 16, 9]), (512, [8, 31, 16])])
+def test_top_sets_on_long_rows_with_ties_match_a_brute_force_choice(n, ks):
+    """As above, on rows that take `largest`'s prefilter (ties among the largest): blocks of
+    32 at 2,048, blocks of 8 at 512 (k + 1 = 32 is past torch.topk's partial sort)."""
+    assert sparse._prefilter_block(n, max(ks) + 1) == (32 if n == 2048 else 8)
     g = torch.Generator().manual_seed(1)
-    values = torch.randint(0, 600, (3, 40, 2048), generator=g).float()
-    ks = [2, 16, 9]
+    values = torch.randint(0, 600, (3, 40, n), generator=g).float()
     assert_brute_force_sets(values, ks, *sparse.top_sets(values, ks))
 
 

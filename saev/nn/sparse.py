@@ -157,13 +157,24 @@ class Layout:
 
 def _prefilter_block(n: int, m: int) -> int | None:
     """Entries per block for `largest` on rows of n entries, or None where torch.topk alone is
-    faster. Measured on a 2-core CPU over N 512-24,576 and m 5-129 (4,096 rows): blocks of 32
-    pay from N 2,048 while m*64 <= N; blocks of 16 where m*32 <= N from N 3,072; neither for
-    shorter rows, whose torch.topk takes a few ms."""
-    if n >= 2048 and n % 32 == 0 and m * 64 <= n:
-        return 32
-    if n >= 3072 and n % 16 == 0 and m * 32 <= n:
-        return 16
+    faster.
+
+    torch.topk on the CPU partial-sorts a row while m*64 <= n; past that it selects with
+    nth_element and sorts, 2-3x slower (4,096 rows of 512: m 7 3.4 ms, m 9 9.3 ms). Measured on
+    a 2-core CPU over n 512-24,576 and m 5-513 (4,096 rows): before the switch, blocks of 32
+    pay from n 2,048 (blocks of 16 where n is not a multiple of 32, from n 3,072); shorter rows
+    keep torch.topk, which takes a few ms there. Past it, blocks of 8 pay wherever m*16 <= n,
+    more than blocks of 16: n 512, m 9: 4.2 against 9.3 ms (bfloat16 3.3); n 2,048, m 33: 16.2
+    against 36.9 (16-blocks 17.3); n 6,144, m 129: 54.4 against 112.8 (62.7); n 24,576, m 513:
+    227 against 456 (256)."""
+    if m * 64 <= n:
+        if n >= 2048 and n % 32 == 0:
+            return 32
+        if n >= 3072 and n % 16 == 0:
+            return 16
+        return None
+    if n % 8 == 0 and m * 16 <= n:
+        return 8
     return None
 
 
