@@ -11,22 +11,17 @@ This prints both times per (n, m), the block size the rule picks, and each fixed
 """
 
 import argparse
-import time
 
 import torch
+from sae_step import timed  # benchmarks/ is on sys.path when a script in it runs
 
 from saev.nn import sparse
 
+CPU = torch.device("cpu")
+
 
 def median_ms(fn, iters: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[iters // 2] * 1e3
+    return timed(fn, iters, CPU) * 1e3
 
 
 def with_block(size: int | None, values: torch.Tensor, m: int, iters: int) -> float:
@@ -54,7 +49,12 @@ def main() -> None:
         "--m", type=int, nargs="+", default=[7, 9, 17, 33, 65, 129], help="entries selected per row"
     )
     p.add_argument("--rows", type=int, default=4096, help="rows (tokens of a batch)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="row dtype (bfloat16 rows are made positive: its prefilter needs positive thresholds)",
+    )
     p.add_argument("--iters", type=int, default=9, help="timed calls per figure (median)")
     args = p.parse_args()
     torch.manual_seed(0)

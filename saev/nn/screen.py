@@ -154,7 +154,8 @@ def _candidates(
     sc: _Screen, a: Tensor, W_rows: Tensor, b: Tensor, th16: Tensor
 ) -> tuple[sparse.Layout, Tensor] | None:
     """The layout of the candidates (s >= each token's threshold) and their exact values v, or
-    None if one of them lies outside the bound (then the screen is off for the process)."""
+    None if one of them lies outside the bound (with a warning; this member falls back to the
+    float32 GEMM for this batch)."""
     B, nb = sc.block_max.shape
     # Looked for only in blocks whose maximum passes (a third of them at k 32).
     hot = sparse.flat_nonzero(sc.block_max >= th16[:, None])  # ascending block ids
