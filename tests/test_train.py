@@ -395,7 +395,7 @@ def test_default_lr_scales_with_width_as_in_the_literature():
     assert default_lr(2**14) == pytest.approx(1e-3)
     assert default_lr(4 * 2**14) == pytest.approx(0.5e-3)  # 1/sqrt(width)
     assert default_lr(512) == pytest.approx(1e-3 * math.sqrt(32))
-    assert default_lr(512, family="relu") == pytest.approx(2e-3 * math.sqrt(32))  # measured
+    assert default_lr(512, family="relu") == pytest.approx(4e-3 * math.sqrt(32))  # measured
 
 
 def test_the_resolved_default_lr_is_recorded_in_each_checkpoint(tmp_path, shards):
