@@ -870,8 +870,9 @@ RELU_COEFFS = {
 }
 """Default L1 sweeps; each includes the library's default (saev 0.1, dictionary_learning 0.1).
 saev's λ is scale-free (docs/families.md, "Loss normalisation"), so one range nearly serves
-both; each reaches below the densest peer L0 it can be compared at (planted-hard's 184, vit's
-389), so that no peer point drops out of the comparison for lack of a saev point around it.
+both; its smallest λ gives a code denser than the peer's L0 184 (planted-hard) and 389 (vit),
+so that those points stay in the comparison (the peer's densest points, L0 251 and 1,076,
+stay outside saev's range, as before relu's lr went to 4x).
 The peer's L1 acts on raw activations (it does not normalise them by default), so its useful
 range moves with their norm: about 4.5 on the planted sets, 13 on the random ViT's block 10."""
 
