@@ -395,7 +395,9 @@ def test_default_lr_scales_with_width_as_in_the_literature():
     assert default_lr(2**14) == pytest.approx(1e-3)
     assert default_lr(4 * 2**14) == pytest.approx(0.5e-3)  # 1/sqrt(width)
     assert default_lr(512) == pytest.approx(1e-3 * math.sqrt(32))
-    assert default_lr(512, family="relu") == pytest.approx(4e-3 * math.sqrt(32))  # measured
+    for family in ("relu", "gated", "jumprelu"):  # measured: docs/benchmarks.md
+        assert default_lr(512, family=family) == pytest.approx(4e-3 * math.sqrt(32))
+    assert default_lr(512, family="batchtopk") == default_lr(512)
 
 
 def test_the_resolved_default_lr_is_recorded_in_each_checkpoint(tmp_path, shards):
