@@ -20,6 +20,7 @@ from saev.__main__ import run
 from saev.evaluate import Metrics
 from saev.shards import Shards, iter_images
 from saev.shards.shuffled import split_images
+from saev.train import schedules
 from saev.train.config import Config, DataConfig
 from saev.train.main import train
 
@@ -160,8 +161,14 @@ def metrics_without_timing(path: pathlib.Path) -> list[dict]:
     ]
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, shards, monkeypatch):
-    whole = train(sweep_cfg(tmp_path / "a", shards, RESUME))
+@pytest.mark.parametrize("new_default_lr", [False, True])
+def test_resume_after_kill_equals_uninterrupted(
+    tmp_path, shards, monkeypatch, capsys, new_default_lr
+):
+    """Also with lr left to the default and a saev whose family defaults changed in between:
+    the resumed members keep the peak lr they started with."""
+    text = RESUME.replace("lr = 3e-3\n", "") if new_default_lr else RESUME
+    whole = train(sweep_cfg(tmp_path / "a", shards, text))
 
     calls = {"n": 0}
     orig = saev.nn.StackAdam.step
@@ -174,7 +181,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, shards, monkeypatch):
 
     monkeypatch.setattr(saev.nn.StackAdam, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train(sweep_cfg(tmp_path / "b", shards, RESUME))
+        train(sweep_cfg(tmp_path / "b", shards, text))
     monkeypatch.setattr(saev.nn.StackAdam, "step", orig)
     killed = tmp_path / "b" / "runs" / whole.name
     assert (
@@ -182,7 +189,12 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, shards, monkeypatch):
     )
     assert not (killed / "summary.json").exists()
 
+    if new_default_lr:
+        monkeypatch.setattr(schedules, "FAMILY_LR_FACTOR", {"batchtopk": 2.0, "jumprelu": 8.0})
+    capsys.readouterr()
     train(Config(resume=killed, device="cpu"))
+    kept = [line for line in capsys.readouterr().out.splitlines() if "keeping the peak lr" in line]
+    assert len(kept) == (2 if new_default_lr else 0)
     for name in ("000-batchtopk", "001-jumprelu"):
         a = load_file(whole / "members" / name / "sae.safetensors")
         b = load_file(killed / "members" / name / "sae.safetensors")

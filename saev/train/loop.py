@@ -13,6 +13,7 @@ of every batch; either way a rank writes only what it owns, and the ranks meet a
 """
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import saev.nn
+from saev.nn.checkpoint import CONFIG_NAME
 from saev.shards import Shards
 from saev.shards.shuffled import ShuffledLoader, split_images
 from saev.train import dist, state, sweep
@@ -68,6 +70,22 @@ def open_pass(p: sweep.Pass) -> PassData:
 def peak_lr(m: sweep.Member, d_sae: int) -> float:
     """The member's peak learning rate: `lr` as given, or the width-scaled family default."""
     return m.cfg.lr if m.cfg.lr is not None else default_lr(d_sae, family=m.cfg.sae.family)
+
+
+def recorded_lr(run_dir: pathlib.Path, m: sweep.Member) -> float | None:
+    """The peak lr a member's checkpoint recorded when its `lr` was left to the default, or None.
+
+    A resumed run keeps the peak it started with: the family defaults are measured and may
+    change between saev versions, and a run resumed under a newer default would otherwise
+    switch learning rates halfway (and stop being equal to an uninterrupted run)."""
+    if m.cfg.lr is not None:
+        return None
+    path = run_dir / "members" / m.name / CONFIG_NAME
+    try:
+        lr = json.loads(path.read_text()).get("lr")
+    except (OSError, ValueError):
+        return None
+    return float(lr) if isinstance(lr, int | float) and math.isfinite(lr) and lr > 0 else None
 
 
 def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.Path) -> dict:
@@ -229,6 +247,16 @@ class PassTrainer:
             ],
             self.device,
         )
+        for gi, g in enumerate(self.groups):
+            for mi, m in enumerate(g.members):
+                lr = recorded_lr(self.run_dir, m)
+                if lr is not None and lr != self.peaks[gi][mi]:
+                    if self.ranks.is_main:
+                        print(
+                            f"member {m.name}: keeping the peak lr it started with, {lr:.4g} "
+                            f"(this saev's default is {self.peaks[gi][mi]:.4g}; pass --lr to change it)"
+                        )
+                    self.peaks[gi][mi] = lr
         if self.ranks.is_main:
             print(
                 f"pass {self.p.index}: resuming at step {self.step:,} of {self.n_steps:,} "
