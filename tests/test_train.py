@@ -407,7 +407,13 @@ def test_default_lr_scales_with_width_as_in_the_literature():
     assert default_lr(2**14) == pytest.approx(1e-3)
     assert default_lr(4 * 2**14) == pytest.approx(0.5e-3)  # 1/sqrt(width)
     assert default_lr(512) == pytest.approx(1e-3 * math.sqrt(32))
-    for family in ("relu", "gated", "jumprelu"):  # measured: docs/benchmarks.md
+    for family in (
+        "relu",
+        "gated",
+        "vsae-gated",
+        "jumprelu",
+        "vsae-jumprelu",
+    ):  # measured: docs/benchmarks.md
         assert default_lr(512, family=family) == pytest.approx(4e-3 * math.sqrt(32))
     assert default_lr(512, family="batchtopk") == default_lr(512)
 

@@ -20,7 +20,13 @@ DEFAULT_LR_BASE = 1e-3
 """Peak Adam learning rate of an SAE with 2^14 latents; see `default_lr`."""
 
 
-FAMILY_LR_FACTOR = {"relu": 4.0, "gated": 4.0, "jumprelu": 4.0}
+FAMILY_LR_FACTOR = {
+    "relu": 4.0,
+    "gated": 4.0,
+    "jumprelu": 4.0,
+    "vsae-gated": 4.0,
+    "vsae-jumprelu": 4.0,
+}
 """Families whose measured best default lr is a multiple of the top-k one.
 
 relu + L1 at 4x: 2x gave a much better front than 1x on random-ViT activations (d 384, 8x,
@@ -31,12 +37,17 @@ dictionary after 4M tokens, with fewer dead latents at the same L0 (docs/benchma
 tuned peer, relu"; docs/train.md, "Choosing hyperparameters").
 
 gated at 4x: FVU at matched L0 0.66-0.86x that of 1x on the ViT set and 0.60-0.91x on the
-planted one (6x: within 7% of 4x). jumprelu at 4x: its thresholds are learned in log space by
-Adam, so each moves by about lr per step, and at 1x a short run leaves them near their init
-whatever lambda: L0 29-43 of 512 for lambda 0.001-0.1 on the planted set (1M tokens) and
-480-570 of 3,072, above d_vit 384, on the ViT set (400k). At 4x lambda takes hold on the
-planted set (L0 38 down to 1.5, FVU 0.42x that of 1x at L0 38) and the ViT code lands at L0
-125-135, below d_vit (docs/benchmarks.md, "Default lr of gated and jumprelu")."""
+planted one (6x: within 7% of 4x). vsae-gated, which trains the same gate: 0.79x on the ViT
+set (1x is 1.13-1.64x of 4x at 4x's L0s) and 0.62-1.01x on the planted one.
+
+jumprelu at 4x: its thresholds are learned in log space by Adam, so each moves by about lr per
+step, and at 1x a short run leaves them near their init whatever lambda: L0 29-43 of 512 for
+lambda 0.001-0.1 on the planted set (1M tokens) and 480-570 of 3,072, above d_vit 384, on the
+ViT set (400k). At 4x lambda takes hold on the planted set (L0 38 down to 1.5, FVU 0.42x that
+of 1x at L0 38) and the ViT code lands at L0 125-135, below d_vit. vsae-jumprelu likewise: at
+1x L0 51-58 (planted) and 110-112 (ViT) whatever lambda; at 4x L0 2.2-26 on the planted set,
+and on the ViT set L0 73 at FVU 0.067 against 1x's L0 111 at 0.092 (docs/benchmarks.md,
+"Default lr of gated and jumprelu")."""
 
 
 def default_lr(d_sae: int, base: float = DEFAULT_LR_BASE, family: str = "topk") -> float:
