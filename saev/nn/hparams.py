@@ -92,7 +92,7 @@ _COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
 _AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}
 _JUMP = {"sparsity_coeff": 0.01, "target_l0": 0.0, "bandwidth": 0.05, "threshold_init": 0.1}
 _VAR = {"kl_coeff": 1.0, "logvar_min": -8.0, "logvar_max": 4.0}
-_VL1 = 1.0  # vsae-iso / vsae-mixture L1 (docs/families.md: why this value)
+_VL1 = 0.1  # vsae-iso / vsae-mixture L1, relu's (docs/families.md: why this value)
 
 HPARAMS: dict[str, dict[str, typing.Any]] = {
     "relu": {**_COMMON, "sparsity_coeff": 0.1},
