@@ -254,7 +254,7 @@ class PassTrainer:
                     if self.ranks.is_main:
                         print(
                             f"member {m.name}: keeping the peak lr it started with, {lr:.4g} "
-                            f"(this saev's default is {self.peaks[gi][mi]:.4g}; pass --lr to change it)"
+                            f"(this saev version's default is {self.peaks[gi][mi]:.4g})"
                         )
                     self.peaks[gi][mi] = lr
         if self.ranks.is_main:
