@@ -161,13 +161,11 @@ def metrics_without_timing(path: pathlib.Path) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("new_default_lr", [False, True])
-def test_resume_after_kill_equals_uninterrupted(
-    tmp_path, shards, monkeypatch, capsys, new_default_lr
-):
-    """Also with lr left to the default and a saev whose family defaults changed in between:
-    the resumed members keep the peak lr they started with."""
-    text = RESUME.replace("lr = 3e-3\n", "") if new_default_lr else RESUME
+@pytest.mark.parametrize("new_defaults", [False, True])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, shards, monkeypatch, capsys, new_defaults):
+    """Also with lr and hyperparameters left to the defaults and a saev whose defaults changed
+    in between: the resumed members keep the values they started with."""
+    text = RESUME.replace("lr = 3e-3\n", "") if new_defaults else RESUME
     whole = train(sweep_cfg(tmp_path / "a", shards, text))
 
     calls = {"n": 0}
@@ -189,12 +187,22 @@ def test_resume_after_kill_equals_uninterrupted(
     )
     assert not (killed / "summary.json").exists()
 
-    if new_default_lr:
+    if new_defaults:
         monkeypatch.setattr(schedules, "FAMILY_LR_FACTOR", {"batchtopk": 2.0, "jumprelu": 8.0})
+        monkeypatch.setattr(schedules, "DEFAULT_LR_WARMUP_FRAC", 0.1)
+        monkeypatch.setitem(saev.nn.HPARAMS["batchtopk"], "threshold_decay", 0.5)
+        monkeypatch.setitem(saev.nn.HPARAMS["jumprelu"], "bandwidth", 0.5)
+        monkeypatch.setitem(saev.nn.HPARAMS["jumprelu"], "sparsity_coeff", 0.5)  # set: not kept
     capsys.readouterr()
     train(Config(resume=killed, device="cpu"))
-    kept = [line for line in capsys.readouterr().out.splitlines() if "keeping the peak lr" in line]
-    assert len(kept) == (2 if new_default_lr else 0)
+    kept = [line for line in capsys.readouterr().out.splitlines() if "keeping the defaults" in line]
+    assert len(kept) == (2 if new_defaults else 0)
+    if new_defaults:
+        assert kept[1] == (
+            "member 001-jumprelu: keeping the defaults it started with, where this saev "
+            "version's differ: lr 0.09051 (now 0.181), lr_warmup 128 (now 256), bandwidth 0.05 "
+            "(now 0.5)"
+        )
     for name in ("000-batchtopk", "001-jumprelu"):
         a = load_file(whole / "members" / name / "sae.safetensors")
         b = load_file(killed / "members" / name / "sae.safetensors")

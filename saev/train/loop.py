@@ -30,6 +30,7 @@ from saev.nn.checkpoint import CONFIG_NAME
 from saev.shards import Shards
 from saev.shards.shuffled import ShuffledLoader, split_images
 from saev.train import dist, state, sweep
+from saev.train.config import HPARAM_FIELDS
 from saev.train.dist import Ranks, Read, data_parallel, sync_buffers
 from saev.train.log import MemberLog
 from saev.train.schedules import default_lr, lr_at, lr_warmup_tokens, warmup_frac
@@ -67,30 +68,62 @@ def open_pass(p: sweep.Pass) -> PassData:
     return PassData(shards, loader, layer, len(eval_idx))
 
 
-def peak_lr(m: sweep.Member, d_sae: int) -> float:
-    """The member's peak learning rate: `lr` as given, or the width-scaled family default."""
-    return m.cfg.lr if m.cfg.lr is not None else default_lr(d_sae, family=m.cfg.sae.family)
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What a member trains with where its config leaves a value to saev's defaults."""
+
+    lr: float
+    """Peak learning rate: `lr` as given, or the width-scaled family default."""
+    lr_warmup: int
+    """Learning-rate warmup in tokens: `lr_warmup` as given, or the default for `n_train`."""
+    hparams: dict[str, typing.Any]
+    """The saev.nn member dict: the family's defaults, overridden by what is set."""
 
 
-def recorded_lr(run_dir: pathlib.Path, m: sweep.Member) -> float | None:
-    """The peak lr a member's checkpoint recorded when its `lr` was left to the default, or None.
+def resolve(m: sweep.Member, d_sae: int, kept: dict[str, typing.Any] | None = None) -> Resolved:
+    """Member `m`'s defaults as this saev version has them, with `kept` (`started_with`) on top."""
+    c = m.cfg
+    now = {
+        "lr": c.lr if c.lr is not None else default_lr(d_sae, family=c.sae.family),
+        "lr_warmup": lr_warmup_tokens(c.lr_warmup, c.n_train),
+        **sweep.hparams(c),
+    }
+    used = {**now, **(kept or {})}
+    hp = {k: used[k] for k in now if k not in ("lr", "lr_warmup")}
+    return Resolved(used["lr"], used["lr_warmup"], saev.nn.check_hparams(c.sae.family, hp))
 
-    A resumed run keeps the peak it started with: the family defaults are measured and may
-    change between saev versions, and a run resumed under a newer default would otherwise
-    switch learning rates halfway (and stop being equal to an uninterrupted run)."""
-    if m.cfg.lr is not None:
-        return None
-    path = run_dir / "members" / m.name / CONFIG_NAME
+
+def started_with(run_dir: pathlib.Path, m: sweep.Member) -> dict[str, typing.Any]:
+    """What a member's checkpoint recorded for the values its config leaves to the defaults:
+    `lr`, `lr_warmup` and each hyperparameter not set, as far as recorded (none if unreadable).
+
+    A resumed run keeps them: the defaults are measured and change between saev versions, and
+    a run resumed under newer ones would switch learning rate or sparsity coefficient halfway
+    (and stop being equal to an uninterrupted run)."""
     try:
-        lr = json.loads(path.read_text()).get("lr")
+        doc = json.loads((run_dir / "members" / m.name / CONFIG_NAME).read_text())
     except (OSError, ValueError):
-        return None
-    return float(lr) if isinstance(lr, int | float) and math.isfinite(lr) and lr > 0 else None
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    c, kept = m.cfg, {}
+    lr, warmup = doc.get("lr"), doc.get("lr_warmup")
+    if c.lr is None and isinstance(lr, int | float) and math.isfinite(lr) and lr > 0:
+        kept["lr"] = float(lr)
+    if c.lr_warmup is None and isinstance(warmup, int) and not isinstance(warmup, bool):
+        kept["lr_warmup"] = warmup
+    hp = doc.get("hparams")
+    if isinstance(hp, dict) and doc.get("family") == c.sae.family:
+        for key in set(HPARAM_FIELDS) & set(saev.nn.HPARAMS[c.sae.family]) & set(hp):
+            if getattr(c.sae, key) is None:
+                kept[key] = hp[key]
+    return kept
 
 
-def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.Path) -> dict:
+def ckpt_extra(
+    p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.Path, r: Resolved
+) -> dict:
     c = m.cfg.data
-    d_sae = m.cfg.sae.exp_factor * data.shards.md.d_vit
     return {
         "layer": data.layer,
         "tokens": c.tokens,
@@ -98,7 +131,8 @@ def ckpt_extra(p: sweep.Pass, data: PassData, m: sweep.Member, run_dir: pathlib.
         "shard_root": str(pathlib.Path(c.shard_root).resolve()),  # usable from any directory
         "split": {"eval_frac": c.eval_frac, "seed": c.split_seed, "n_eval_imgs": data.n_eval_imgs},
         "train": sweep.to_dict(m.cfg),
-        "lr": peak_lr(m, d_sae),
+        "lr": r.lr,
+        "lr_warmup": r.lr_warmup,
         "member": m.name,
         "run": run_dir.name,
     }
@@ -152,7 +186,14 @@ class PassTrainer:
         self.n_steps = math.ceil(p.cfg.n_train / self.B)
         every = run_cfg.ckpt_every
         self.ckpt_steps = math.ceil(every / self.B) if every > 0 else self.n_steps
-        self.stacks, self.opts, self.peaks = build(self.groups, data.shards.md.d_vit, self.device)
+        kept: dict[str, dict] = {}
+        if state.committed(run_dir, p.index) is not None:
+            kept = {m.name: started_with(run_dir, m) for g in self.groups for m in g.members}
+        self.stacks, self.opts, self.resolved = build(
+            self.groups, data.shards.md.d_vit, self.device, kept
+        )
+        if self.ranks.is_main:
+            report_kept(self.groups, self.resolved, data.shards.md.d_vit)
         self.modules: list[torch.nn.Module] = list(self.stacks)
         self.status: dict[str, dict] = {
             m.name: {"status": "ok", "ckpt_step": None} for g in self.groups for m in g.members
@@ -247,16 +288,6 @@ class PassTrainer:
             ],
             self.device,
         )
-        for gi, g in enumerate(self.groups):
-            for mi, m in enumerate(g.members):
-                lr = recorded_lr(self.run_dir, m)
-                if lr is not None and lr != self.peaks[gi][mi]:
-                    if self.ranks.is_main:
-                        print(
-                            f"member {m.name}: keeping the peak lr it started with, {lr:.4g} "
-                            f"(this saev version's default is {self.peaks[gi][mi]:.4g})"
-                        )
-                    self.peaks[gi][mi] = lr
         if self.ranks.is_main:
             print(
                 f"pass {self.p.index}: resuming at step {self.step:,} of {self.n_steps:,} "
@@ -285,9 +316,7 @@ class PassTrainer:
             x = x.chunk(self.ranks.world)[self.ranks.rank]  # this rank's slice
         for gi, g in enumerate(self.groups):
             s, opt = self.stacks[gi], self.opts[gi]
-            lrs = [
-                member_lr(m, peak, seen) for m, peak in zip(g.members, self.peaks[gi], strict=True)
-            ]
+            lrs = [member_lr(m, r, seen) for m, r in zip(g.members, self.resolved[gi], strict=True)]
             warm = [warmup_frac(seen, m.cfg.sae.sparsity_warmup) for m in g.members]
             opt.set_lr(lrs)
             with autocast(self.device, g.cfg.dtype):
@@ -395,7 +424,7 @@ class PassTrainer:
             for i, m in enumerate(g.members):
                 if frozen[i]:
                     continue  # a stopped member keeps its last good checkpoint
-                extra = ckpt_extra(self.p, self.data, m, self.run_dir)
+                extra = ckpt_extra(self.p, self.data, m, self.run_dir, self.resolved[gi][i])
                 extra.update(step=self.step, tokens_seen=self.step * self.B, final=final)
                 saev.nn.save(s, i, self.run_dir / "members" / m.name, extra)
                 self.status[m.name]["ckpt_step"] = self.step
@@ -413,34 +442,64 @@ class PassTrainer:
 
 
 def build(
-    groups: list[sweep.Group], d_vit: int, device: torch.device
-) -> tuple[list[saev.nn.Stack], list[saev.nn.StackAdam], list[list[float]]]:
-    """One stack and one optimiser per group, and each member's peak learning rate."""
+    groups: list[sweep.Group],
+    d_vit: int,
+    device: torch.device,
+    kept: dict[str, dict[str, typing.Any]] | None = None,
+) -> tuple[list[saev.nn.Stack], list[saev.nn.StackAdam], list[list[Resolved]]]:
+    """One stack and one optimiser per group, and each member's resolved defaults (with what
+    `kept` holds for it by member name: a resumed run's `started_with`)."""
+    kept = kept or {}
+    resolved = [
+        [resolve(m, g.cfg.sae.exp_factor * d_vit, kept.get(m.name)) for m in g.members]
+        for g in groups
+    ]
     stacks = [
         saev.nn.make_stack(
             g.cfg.sae.family,
             d_vit=d_vit,
             d_sae=g.cfg.sae.exp_factor * d_vit,
-            members=[sweep.hparams(m.cfg) for m in g.members],
+            members=[r.hparams for r in rs],
             device=device,
         )
-        for g in groups
+        for g, rs in zip(groups, resolved, strict=True)
     ]
-    peaks = [[peak_lr(m, s.d_sae) for m in g.members] for g, s in zip(groups, stacks, strict=True)]
     opts = [
-        saev.nn.StackAdam(s, lr=lr, max_grad_norm=[m.cfg.grad_clip for m in g.members])
-        for g, s, lr in zip(groups, stacks, peaks, strict=True)
+        saev.nn.StackAdam(
+            s, lr=[r.lr for r in rs], max_grad_norm=[m.cfg.grad_clip for m in g.members]
+        )
+        for g, s, rs in zip(groups, stacks, resolved, strict=True)
     ]
-    return stacks, opts, peaks
+    return stacks, opts, resolved
 
 
-def member_lr(m: sweep.Member, peak: float, seen: int) -> float:
+def report_kept(groups: list[sweep.Group], resolved: list[list[Resolved]], d_vit: int) -> None:
+    """One line per resumed member whose kept values differ from this saev version's defaults."""
+    for g, rs in zip(groups, resolved, strict=True):
+        for m, r in zip(g.members, rs, strict=True):
+            now = resolve(m, g.cfg.sae.exp_factor * d_vit)
+            pairs = [("lr", r.lr, now.lr), ("lr_warmup", r.lr_warmup, now.lr_warmup)]
+            pairs += [(k, v, now.hparams[k]) for k, v in sorted(r.hparams.items())]
+            diff = [f"{k} {v:.4g} (now {w:.4g})" for k, v, w in pairs if v != w and _num(v)]
+            diff += [f"{k} {v!r} (now {w!r})" for k, v, w in pairs if v != w and not _num(v)]
+            if diff:
+                print(
+                    f"member {m.name}: keeping the defaults it started with, where this saev "
+                    f"version's differ: {', '.join(diff)}"
+                )
+
+
+def _num(v: typing.Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def member_lr(m: sweep.Member, r: Resolved, seen: int) -> float:
     """Member `m`'s learning rate after `seen` training tokens (docs/train.md)."""
     c = m.cfg
     return lr_at(
         seen,
-        lr=peak,
-        warmup=lr_warmup_tokens(c.lr_warmup, c.n_train),
+        lr=r.lr,
+        warmup=r.lr_warmup,
         n_train=c.n_train,
         decay=c.lr_decay,
         decay_frac=c.lr_decay_frac,
