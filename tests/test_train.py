@@ -162,7 +162,9 @@ def metrics_without_timing(path: pathlib.Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("new_defaults", [False, True])
-def test_resume_after_kill_equals_uninterrupted(tmp_path, shards, monkeypatch, capsys, new_defaults):
+def test_resume_after_kill_equals_uninterrupted(
+    tmp_path, shards, monkeypatch, capsys, new_defaults
+):
     """Also with lr and hyperparameters left to the defaults and a saev whose defaults changed
     in between: the resumed members keep the values they started with."""
     text = RESUME.replace("lr = 3e-3\n", "") if new_defaults else RESUME
