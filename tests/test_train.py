@@ -423,9 +423,12 @@ def test_default_lr_scales_with_width_as_in_the_literature():
         "vsae-gated",
         "jumprelu",
         "vsae-jumprelu",
+        "vsae-iso",
+        "vsae-mixture",
     ):  # measured: docs/benchmarks.md
         assert default_lr(512, family=family) == pytest.approx(4e-3 * math.sqrt(32))
-    assert default_lr(512, family="batchtopk") == default_lr(512)
+    for family in ("topk", "batchtopk", "matryoshka", "vsae-topk"):
+        assert default_lr(512, family=family) == default_lr(512)
 
 
 def test_the_resolved_default_lr_is_recorded_in_each_checkpoint(tmp_path, shards):

@@ -106,7 +106,7 @@ class Config:
     data: DataConfig = DataConfig()
     sae: SaeConfig = SaeConfig()
     lr: float | None = None
-    """Peak learning rate (Adam); None: 1e-3 / sqrt(d_sae / 2^14), e.g. 1.6e-3 at d_sae 6144, four times that for relu, gated, jumprelu and their vsae forms (docs/train.md)."""
+    """Peak learning rate (Adam); None: 1e-3 / sqrt(d_sae / 2^14), e.g. 1.6e-3 at d_sae 6144, four times that for relu, gated, jumprelu and the vsae families but vsae-topk (docs/train.md)."""
     lr_warmup: int | None = None
     """Tokens of linear learning-rate warmup; None: 1M tokens or 5% of n_train, whichever is smaller."""
     lr_decay: Decay = "linear"

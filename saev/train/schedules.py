@@ -26,6 +26,8 @@ FAMILY_LR_FACTOR = {
     "jumprelu": 4.0,
     "vsae-gated": 4.0,
     "vsae-jumprelu": 4.0,
+    "vsae-iso": 4.0,
+    "vsae-mixture": 4.0,
 }
 """Families whose measured best default lr is a multiple of the top-k one.
 
@@ -47,7 +49,11 @@ ViT set (400k). At 4x lambda takes hold on the planted set (L0 38 down to 1.5, F
 of 1x at L0 38) and the ViT code lands at L0 125-135, below d_vit. vsae-jumprelu likewise: at
 1x L0 51-58 (planted) and 110-112 (ViT) whatever lambda; at 4x L0 2.2-26 on the planted set,
 and on the ViT set L0 73 at FVU 0.067 against 1x's L0 111 at 0.092 (docs/benchmarks.md,
-"Default lr of gated and jumprelu")."""
+"Default lr of gated and jumprelu").
+
+vsae-iso and vsae-mixture (relu's L1 on a variational code) at 4x: FVU at matched L0 0.66-0.90x
+that of 1x on the ViT set and 0.78-0.87x on the planted one; read at 4x's L0s, 1x is 1.35-1.66x
+and 1.02-2.00x of 4x (docs/benchmarks.md, "Default lr of the vsae L1 families")."""
 
 
 def default_lr(d_sae: int, base: float = DEFAULT_LR_BASE, family: str = "topk") -> float:
