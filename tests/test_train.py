@@ -220,6 +220,40 @@ def test_resume_after_kill_equals_uninterrupted(
     assert [m["eval"]["fvu"] for m in sa] == [m["eval"]["fvu"] for m in sb]
 
 
+def test_started_with_keeps_only_what_the_config_left_to_the_defaults(tmp_path):
+    """`--resume` keeps a checkpoint's recorded defaults, never a value the config sets, and
+    falls back to this version's defaults when the record is missing or unreadable."""
+    import dataclasses
+
+    from saev.train.loop import resolve, started_with
+    from saev.train.sweep import Member
+
+    cfg = Config(sae=dataclasses.replace(Config().sae, family="relu"), lr_warmup=500)
+    m = Member(0, "000-relu", cfg, {})
+    ckpt = tmp_path / "members" / m.name
+    assert started_with(tmp_path, m) == {}  # no checkpoint: nothing to keep
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{not json")
+    assert started_with(tmp_path, m) == {}
+    record = {
+        "family": "relu",
+        "lr": 0.02,
+        "lr_warmup": 123,
+        "hparams": {"sparsity_coeff": 1.0, "seed": 7, "dead_after_tokens": 5, "gone": 1},
+    }
+    (ckpt / "config.json").write_text(json.dumps(record))
+    kept = started_with(tmp_path, m)
+    # lr_warmup is set in the config, seed comes from --seed, "gone" is no longer a key.
+    assert kept == {"lr": 0.02, "sparsity_coeff": 1.0, "dead_after_tokens": 5}
+    r = resolve(m, 512, kept)
+    assert (r.lr, r.lr_warmup, r.hparams["sparsity_coeff"]) == (0.02, 500, 1.0)
+    assert r.hparams["seed"] == 0
+    set_lr = Member(0, m.name, dataclasses.replace(cfg, lr=1e-3), {})
+    assert "lr" not in started_with(tmp_path, set_lr)
+    (ckpt / "config.json").write_text(json.dumps({**record, "family": "gated"}))
+    assert started_with(tmp_path, m) == {"lr": 0.02}  # another family's hparams do not apply
+
+
 def test_nan_in_one_member_stops_only_it(tmp_path, shards, monkeypatch, capsys):
     text = SWEEP.replace('family = ["topk", "relu"]', 'family = "topk"').replace(
         "sparsity_coeff = [0.1, 1.0]\n", ""
