@@ -186,13 +186,16 @@ class PassTrainer:
         self.n_steps = math.ceil(p.cfg.n_train / self.B)
         every = run_cfg.ckpt_every
         self.ckpt_steps = math.ceil(every / self.B) if every > 0 else self.n_steps
+        # The pass's last committed checkpoint (None: a fresh start), read once for both the
+        # defaults its members keep and `resume`.
+        self.committed = state.committed(run_dir, p.index)
         kept: dict[str, dict] = {}
-        if state.committed(run_dir, p.index) is not None:
+        if self.committed is not None:
             kept = {m.name: started_with(run_dir, m) for g in self.groups for m in g.members}
         self.stacks, self.opts, self.resolved = build(
             self.groups, data.shards.md.d_vit, self.device, kept
         )
-        if self.ranks.is_main:
+        if kept and self.ranks.is_main:
             report_kept(self.groups, self.resolved, data.shards.md.d_vit)
         self.modules: list[torch.nn.Module] = list(self.stacks)
         self.status: dict[str, dict] = {
@@ -272,7 +275,7 @@ class PassTrainer:
 
     def resume(self) -> bool:
         """Load this rank's members from the pass's last committed checkpoint, if any."""
-        doc = state.committed(self.run_dir, self.p.index)
+        doc = self.committed
         if doc is None:
             return False
         self.step = int(doc["step"])
@@ -480,8 +483,7 @@ def report_kept(groups: list[sweep.Group], resolved: list[list[Resolved]], d_vit
             now = resolve(m, g.cfg.sae.exp_factor * d_vit)
             pairs = [("lr", r.lr, now.lr), ("lr_warmup", r.lr_warmup, now.lr_warmup)]
             pairs += [(k, v, now.hparams[k]) for k, v in sorted(r.hparams.items())]
-            diff = [f"{k} {v:.4g} (now {w:.4g})" for k, v, w in pairs if v != w and _num(v)]
-            diff += [f"{k} {v!r} (now {w!r})" for k, v, w in pairs if v != w and not _num(v)]
+            diff = [f"{k} {_show(v)} (now {_show(w)})" for k, v, w in pairs if v != w]
             if diff:
                 print(
                     f"member {m.name}: keeping the defaults it started with, where this saev "
@@ -489,8 +491,8 @@ def report_kept(groups: list[sweep.Group], resolved: list[list[Resolved]], d_vit
                 )
 
 
-def _num(v: typing.Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def _show(v: typing.Any) -> str:
+    return f"{v:.4g}" if isinstance(v, int | float) and not isinstance(v, bool) else repr(v)
 
 
 def member_lr(m: sweep.Member, r: Resolved, seen: int) -> float:
