@@ -751,8 +751,17 @@ def compare_relu(ours, theirs, speed_ratio: float) -> tuple[list[dict], list[dic
             f"{fmt(m['mmcs_diff'], '+6.3f'):>6}"
         )
     inside = [m for m in matched if m["fvu_ratio"] is not None]
+    outside = [m["l0"] for m in matched if m["fvu_ratio"] is None]
     if not inside:
         print("  no peer L0 lies inside saev's L0 range: widen --relu-coeffs-saev.")
+    elif outside:
+        # The checks below cover only the matched points: say so, or a PASS reads as all of them.
+        lo, hi = min(s.l0 for _, s in ours), max(s.l0 for _, s in ours)
+        listed = ", ".join(f"{v:.1f}" for v in outside)
+        print(
+            f"  not compared: peer L0 {listed}, outside saev's L0 range {lo:.2f}-{hi:.1f} "
+            "(widen --relu-coeffs-saev to include them)"
+        )
     worst_fvu = max((m["fvu_ratio"] for m in inside), default=None)
     checks = [
         check(
@@ -865,14 +874,17 @@ def run_family(ds, family, shards, atoms, peer, args, work, device) -> dict:
 
 
 RELU_COEFFS = {
-    "planted": {"saev": [0.003, 0.03, 0.1, 0.3, 1.0], "peer": [0.03, 0.1, 0.3, 1.0, 3.0]},
+    "planted": {"saev": [0.0003, 0.003, 0.03, 0.1, 0.3, 1.0], "peer": [0.03, 0.1, 0.3, 1.0, 3.0]},
     "vit": {"saev": [0.001, 0.01, 0.03, 0.1, 0.3, 1.0], "peer": [0.1, 0.3, 1.0, 3.0, 10.0]},
 }
 """Default L1 sweeps; each includes the library's default (saev 0.1, dictionary_learning 0.1).
 saev's λ is scale-free (docs/families.md, "Loss normalisation"), so one range nearly serves
-both; its smallest λ gives a code denser than the peer's L0 184 (planted-hard) and 389 (vit),
-so that those points stay in the comparison (the peer's densest points, L0 251 and 1,076,
-stay outside saev's range, as before relu's lr went to 4x).
+both; its smallest λ gives a code denser than the peer's L0 184 (planted-hard, 1M tokens) and
+389 (vit), so that those points stay in the comparison (the peer's densest points, L0 251 and
+1,076, stay outside saev's range, as before relu's lr went to 4x). On planted-hard at the
+default 2M tokens saev's densest code is L0 ~168 (λ 0.0003; 152 at 0.003), just past the
+peer's L0 165: without λ 0.0003 that point fell outside the comparison unnoticed. Points
+outside saev's range are listed as "not compared"; the checks cover the matched ones only.
 The peer's L1 acts on raw activations (it does not normalise them by default), so its useful
 range moves with their norm: about 4.5 on the planted sets, 13 on the random ViT's block 10."""
 
