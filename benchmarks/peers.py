@@ -889,16 +889,8 @@ The peer's L1 acts on raw activations (it does not normalise them by default), s
 range moves with their norm: about 4.5 on the planted sets, 13 on the random ViT's block 10."""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--datasets", nargs="+", default=["planted-hard", "planted-easy", "vit"],
-                        choices=["planted-hard", "planted-easy", "planted", "vit"])  # fmt: skip
-    parser.add_argument("--families", nargs="+", default=["topk", "relu"], choices=["topk", "relu"])
-    parser.add_argument("--peers", type=pathlib.Path,
-                        default=pathlib.Path(os.environ.get("SAEV_PEERS", REPO / ".peers")),
-                        help="directory holding dictionary_learning 0.1.0 (pip --target)")  # fmt: skip
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data-set, width and scoring flags (shared with benchmarks/recipe.py)."""
     parser.add_argument("--cache", type=pathlib.Path, default=None,
                         help="shard cache (default: PEERS/cache)")  # fmt: skip
     parser.add_argument("--n-tokens", type=int, default=0,
@@ -918,6 +910,38 @@ def main() -> int:
                         help="demo images to record (90%% train: 423k patch tokens)")  # fmt: skip
     parser.add_argument("--n-eval", type=int, default=1_000_000,
                         help="held-out tokens scored (first ones of the eval split; 0 = all)")  # fmt: skip
+
+
+def dataset_shards(
+    ds: Dataset, args, cache: pathlib.Path
+) -> tuple[pathlib.Path, np.ndarray | None, str]:
+    """(shard directory, true atoms or None, a one-line description) of data set `ds`,
+    written or recorded on first use and cached under `cache`."""
+    if ds.kind == "planted":
+        p = ds.planted
+        defaults = DataConfig()
+        shards = planted_shards(p, cache, defaults.eval_frac, defaults.split_seed)
+        desc = (
+            f"d={p.d}, {p.n_atoms} atoms, {p.n_active} active, {p.freq} frequencies, "
+            f"offset {p.offset:g}, noise {p.noise:g}"
+        )
+        return shards, planted_truth(p)[0], desc
+    shards = vit_shards(args, cache)
+    md = Shards(shards).md
+    return shards, None, f"random-weight {md.vit_ckpt}, block {md.layers[0]}, d={md.d_vit}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--datasets", nargs="+", default=["planted-hard", "planted-easy", "vit"],
+                        choices=["planted-hard", "planted-easy", "planted", "vit"])  # fmt: skip
+    parser.add_argument("--families", nargs="+", default=["topk", "relu"], choices=["topk", "relu"])
+    parser.add_argument("--peers", type=pathlib.Path,
+                        default=pathlib.Path(os.environ.get("SAEV_PEERS", REPO / ".peers")),
+                        help="directory holding dictionary_learning 0.1.0 (pip --target)")  # fmt: skip
+    add_data_args(parser)
     parser.add_argument("--relu-coeffs-saev", type=float, nargs="+", default=None)
     parser.add_argument("--relu-coeffs-peer", type=float, nargs="+", default=None)
     parser.add_argument("--saev-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -941,7 +965,6 @@ def main() -> int:
         peer_args(peer, family, args.peer_arg)
     cache = (args.cache or args.peers / "cache").resolve()
     device = resolve_device(args.device)
-    defaults = DataConfig()
     all_ds = datasets(args)
     # `saev train` keeps freed memory for reuse (saev.helpers.keep_freed_memory), process-wide:
     # set here, before either library trains, so both run under the same allocator settings.
@@ -962,19 +985,7 @@ def main() -> int:
             ds = all_ds[name]
             t0 = time.perf_counter()
             print(f"== {name} ==", flush=True)
-            if ds.kind == "planted":
-                p = ds.planted
-                shards = planted_shards(p, cache, defaults.eval_frac, defaults.split_seed)
-                atoms = planted_truth(p)[0]
-                desc = (
-                    f"d={p.d}, {p.n_atoms} atoms, {p.n_active} active, {p.freq} frequencies, "
-                    f"offset {p.offset:g}, noise {p.noise:g}"
-                )
-            else:
-                shards = vit_shards(args, cache)
-                atoms = None
-                md = Shards(shards).md
-                desc = f"random-weight {md.vit_ckpt}, block {md.layers[0]}, d={md.d_vit}"
+            shards, atoms, desc = dataset_shards(ds, args, cache)
             prep = time.perf_counter() - t0
             print(
                 f"  {desc}; {ds.n_tokens:,} training tokens; shards {shards} ({prep:.0f} s)",
