@@ -896,7 +896,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-tokens", type=int, default=0,
                         help="training tokens for every data set (default: 2M planted, 400k vit)")  # fmt: skip
     parser.add_argument("--k", type=int, default=0, help="topk k (default: n_active; vit 32)")
-    parser.add_argument("--exp-factor", type=int, default=8)
+    parser.add_argument("--exp-factor", type=int, default=8, help="d_sae = exp_factor x d")
     parser.add_argument("--d", type=int, default=64, help="`planted`: dimension")
     parser.add_argument("--n-atoms", type=int, default=512, help="`planted`: atoms")
     parser.add_argument("--n-active", type=int, default=6, help="`planted`: atoms per token")
@@ -904,8 +904,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zipf-exponent", type=float, default=1.0, help="`planted`")
     parser.add_argument("--offset", type=float, default=2.0, help="`planted`: offset norm")
     parser.add_argument("--noise", type=float, default=0.05, help="`planted`: noise std per dim")
-    parser.add_argument("--vit-ckpt", default="vit_small_patch16_224")
-    parser.add_argument("--vit-layer", type=int, default=-2)
+    parser.add_argument(
+        "--vit-ckpt", default="vit_small_patch16_224", help="`vit`: timm model, random weights"
+    )
+    parser.add_argument("--vit-layer", type=int, default=-2, help="`vit`: block recorded")
     parser.add_argument("--vit-imgs", type=int, default=2400,
                         help="demo images to record (90%% train: 423k patch tokens)")  # fmt: skip
     parser.add_argument("--n-eval", type=int, default=1_000_000,

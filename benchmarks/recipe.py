@@ -90,7 +90,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def compare(rows: list[dict], ref: list[dict]) -> None:
     """FVU (ratio) and MMCS (difference) of each run at the other's L0s, per lr curve."""
-    ref_curve = ref  # the reference is read as one curve, whatever its lrs
+    ref_curve = ref  # one curve: main() refuses a reference with several lrs
     for lr in sorted({r["lr"] for r in rows}):
         curve = [r for r in rows if r["lr"] == lr]
         for name, points, other, sign in (
@@ -117,8 +117,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("dataset", choices=["planted-hard", "planted-easy", "planted", "vit"])
-    parser.add_argument("family", choices=saev.nn.FAMILIES)
+    parser.add_argument("dataset", choices=["planted-hard", "planted-easy", "planted", "vit"],
+                        help="one of peers.py's data sets (`planted`: set by --d, --n-atoms, ...)")  # fmt: skip
+    parser.add_argument("family", choices=saev.nn.FAMILIES, help="the saev family to sweep")
     parser.add_argument("--coeffs", type=float, nargs="+", default=None,
                         help="sae.sparsity_coeff values (a grid axis); default: the family's default")  # fmt: skip
     parser.add_argument("--saev-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -127,7 +128,7 @@ def main() -> int:
                         default=pathlib.Path(os.environ.get("SAEV_PEERS", peers.REPO / ".peers")),
                         help="only for the default shard cache, PEERS/cache (no peer is trained)")  # fmt: skip
     peers.add_data_args(parser)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--ref", type=pathlib.Path, default=None,
                         help="a JSON this script wrote: compare at matched L0")  # fmt: skip
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the rows here")
@@ -138,6 +139,14 @@ def main() -> int:
             ref = json.loads(args.ref.read_text())["rows"]
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"--ref {args.ref}: not a JSON written by recipe.py ({err})") from err
+    if args.coeffs and "sparsity_coeff" not in saev.nn.HPARAMS[args.family]:
+        parser.error(
+            f"--coeffs: {args.family} has no sparsity_coeff (sweep its own key with --saev-arg)"
+        )
+    if ref is not None and len({r["lr"] for r in ref}) > 1:
+        raise UserError(
+            f"--ref {args.ref}: holds several learning rates; compare against a run of one lr"
+        )
     rows = train_and_score(args)
     print_rows(rows)
     if ref is not None:
