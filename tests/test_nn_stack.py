@@ -294,6 +294,59 @@ def test_fused_and_plain_adam_updates_agree(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("family", ["jumprelu", "vsae-jumprelu"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_threshold_lr_scale_trains_log_threshold_at_that_multiple_of_the_lr(
+    family, fused, monkeypatch
+):
+    """`threshold_lr_scale` m: log θ follows torch's Adam at lr·m, every other parameter at lr,
+    member by member (a member at m = 1 is the plain Adam run)."""
+    from saev.nn import optim
+
+    monkeypatch.setattr(optim, "_fused_adam_runs_on", lambda p: fused)
+    scales, lrs = [1.0, 10.0, 0.5], [1e-2, 1e-2, 2e-2]
+    members = [{"seed": s, "threshold_lr_scale": m, "kl_coeff": 0.0} for s, m in enumerate(scales)]
+    if family == "jumprelu":
+        members = [{k: v for k, v in m.items() if k != "kl_coeff"} for m in members]
+    stack = saev.nn.make_stack(family, d_vit=D, d_sae=F, members=members).double().eval()
+    refs = [stack.member_stack(s).double().eval() for s in range(3)]
+    opt = saev.nn.StackAdam(stack, lr=lrs, max_grad_norm=0.0)
+    topts = [
+        torch.optim.Adam(
+            [
+                {"params": [p for n, p in r.named_parameters() if n != "log_threshold"]},
+                {"params": [r.log_threshold], "lr": lr * m},
+            ],
+            lr=lr,
+            eps=1e-8,
+        )
+        for r, lr, m in zip(refs, lrs, scales, strict=True)
+    ]
+    for i in range(3):
+        x = data(16, seed=i).double()
+        opt.zero_grad()
+        stack(x).losses["total"].sum().backward()
+        opt.step()
+        for r, o in zip(refs, topts, strict=True):
+            o.zero_grad()
+            r(x).losses["total"].sum().backward()
+            r.project_decoder_grad()
+            o.step()
+            r.normalize_decoder()
+    for s, r in enumerate(refs):
+        for (name, a), b in zip(stack.named_parameters(), r.parameters(), strict=True):
+            torch.testing.assert_close(a[s : s + 1], b, msg=f"member {s} {name}")
+    # The references above would agree with a stack that ignores the scale only if log θ did
+    # not move: member 1 (lr 1e-2 × 10) moves it further than member 0 (lr 1e-2 × 1).
+    moved = (stack.log_threshold - math.log(0.1)).abs().mean(-1)
+    assert moved[1] > 3 * moved[0] > 0
+
+
+def test_threshold_lr_scale_must_be_positive():
+    with pytest.raises(saev.errors.UserError, match="threshold_lr_scale=0.0: expected a value > 0"):
+        saev.nn.make_stack("jumprelu", d_vit=D, d_sae=F, members=[{"threshold_lr_scale": 0.0}])
+
+
 def test_a_torch_whose_fused_adam_differs_falls_back_to_the_plain_update(monkeypatch):
     """`torch._fused_adam_` is private; if its signature changes, training goes on, exactly."""
     from saev.nn import optim

@@ -406,6 +406,13 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
+def threshold_lr_scales(stack: Stack) -> dict[str, list[float]]:
+    """log θ at `threshold_lr_scale` × the member's lr. Adam moves log θ by about lr per step,
+    so in a run of a few hundred steps the thresholds may not get far enough for λ to set L0
+    (docs/train.md, "jumprelu")."""
+    return {"log_threshold": [float(m["threshold_lr_scale"]) for m in stack.members]}
+
+
 def jumprelu_codes(stack: Stack, z: Tensor, warm: Tensor) -> tuple[Tensor, Tensor]:
     """Codes and the L0 sparsity loss of a JumpReLU rule applied to z [S, B, F]."""
     theta = stack.log_threshold.exp()[:, None, :]
@@ -427,6 +434,9 @@ class JumpReLUStack(Stack):
     def _init_family(self):
         init = self.hp("threshold_init").log()[:, None].expand(self.S, self.d_sae)
         self.log_threshold = nn.Parameter(init.clone())
+
+    def lr_scales(self):
+        return threshold_lr_scales(self)
 
     def _encode(self, xs, train, warm):
         f, sparsity = jumprelu_codes(self, self.pre_acts(xs), warm)

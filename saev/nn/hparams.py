@@ -60,6 +60,9 @@ HPARAM_SPECS: dict[str, Hparam] = {
     ),
     "bandwidth": Hparam(float, "JumpReLU straight-through bandwidth epsilon."),
     "threshold_init": Hparam(float, "JumpReLU initial threshold theta."),
+    "threshold_lr_scale": Hparam(
+        float, "JumpReLU: learning rate of the thresholds (log theta) as a multiple of the lr."
+    ),
     "base": Hparam(str, "Matryoshka base family (topk or batchtopk)."),
     "prefix_fracs": Hparam(
         tuple[float, ...], "Matryoshka nested prefixes as fractions of d_sae (the last one is 1.0)."
@@ -90,7 +93,13 @@ HPARAM_SPECS: dict[str, Hparam] = {
 
 _COMMON = {"seed": 0, "dead_after_tokens": 10_000_000}
 _AUXK = {"k": 32, "k_aux": 512, "aux_coeff": 1 / 32}
-_JUMP = {"sparsity_coeff": 0.01, "target_l0": 0.0, "bandwidth": 0.05, "threshold_init": 0.1}
+_JUMP = {
+    "sparsity_coeff": 0.01,
+    "target_l0": 0.0,
+    "bandwidth": 0.05,
+    "threshold_init": 0.1,
+    "threshold_lr_scale": 1.0,
+}
 _VAR = {"kl_coeff": 1.0, "logvar_min": -8.0, "logvar_max": 4.0}
 _VL1 = 0.1  # vsae-iso / vsae-mixture L1, relu's (docs/families.md: why this value)
 
@@ -181,7 +190,7 @@ def check_hparams(family: str, member: dict[str, typing.Any]) -> dict[str, typin
                     f"{family} hyperparameter {key}={value!r}: expected a finite number."
                 )
             hp[key] = float(value)
-    for key in ("bandwidth", "threshold_init", "prior_std"):
+    for key in ("bandwidth", "threshold_init", "threshold_lr_scale", "prior_std"):
         if key in hp and hp[key] <= 0:
             raise UserError(f"{family} hyperparameter {key}={hp[key]!r}: expected a value > 0.")
     if "threshold_decay" in hp and not 0 <= hp["threshold_decay"] < 1:

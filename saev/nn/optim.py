@@ -1,5 +1,7 @@
 """Adam for a stack: per-member learning rate and gradient-norm clipping, decoder-norm
 constraint, and members that stop (freeze) on a non-finite loss while the others go on.
+A family may train some parameters at a multiple of the lr (`Stack.lr_scales`: JumpReLU's
+thresholds).
 
 All members are updated at once with [S]-shaped per-member factors; the update of member
 i uses only member i's gradients, so it equals running Adam on that SAE alone.
@@ -36,6 +38,14 @@ def _members(tensors: list[Tensor], s: int, flip: list[bool]) -> list[Tensor]:
     return [t[s].t() if f else t[s] for t, f in zip(tensors, flip, strict=True)]
 
 
+def _by_scale(scales: list[float]) -> list[tuple[float, list[int]]]:
+    """Parameter indices grouped by lr multiplier, in first-seen order."""
+    groups: dict[float, list[int]] = {}
+    for i, scale in enumerate(scales):
+        groups.setdefault(scale, []).append(i)
+    return list(groups.items())
+
+
 class StackAdam:
     """Adam over every parameter of `stack` (each has a leading S axis)."""
 
@@ -48,8 +58,22 @@ class StackAdam:
         max_grad_norm: float | typing.Sequence[float] | Tensor = 1.0,
     ):
         self.stack = stack
-        self.params = [p for p in stack.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in stack.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         device = stack.W_dec.device
+        scales = stack.lr_scales()
+        # Per member, the parameters grouped by their lr multiplier (one fused call per group),
+        # and per parameter the [S] multipliers for the plain update (None: 1 for every member).
+        self._groups = [
+            _by_scale([scales.get(name, [1.0] * stack.S)[s] for name, _ in named])
+            for s in range(stack.S)
+        ]
+        self._scales = [
+            torch.tensor(scales[name], dtype=torch.float64, device=device)
+            if name in scales
+            else None
+            for name, _ in named
+        ]
         self.lr = _per_member(lr, stack.S, device)
         self.max_grad_norm = _per_member(max_grad_norm, stack.S, device)
         self.betas, self.eps = betas, eps
@@ -117,24 +141,25 @@ class StackAdam:
         for s in range(self.stack.S):
             if not live[s]:
                 continue  # a frozen member keeps its weights and its Adam state
-            step = [torch.tensor(float(steps[s]), device=device)] * len(self.params)
-            torch._fused_adam_(
-                _members(self.params, s, flip),
-                _members(grads, s, flip),
-                _members(self.exp_avg, s, flip),
-                _members(self.exp_avg_sq, s, flip),
-                [],
-                step,
-                lr=lrs[s],
-                beta1=b1,
-                beta2=b2,
-                weight_decay=0.0,
-                eps=self.eps,
-                amsgrad=False,
-                maximize=False,
-                grad_scale=unscale[s],
-                found_inf=None,
-            )
+            for scale, idx in self._groups[s]:
+                pick = [flip[i] for i in idx]
+                torch._fused_adam_(
+                    _members([self.params[i] for i in idx], s, pick),
+                    _members([grads[i] for i in idx], s, pick),
+                    _members([self.exp_avg[i] for i in idx], s, pick),
+                    _members([self.exp_avg_sq[i] for i in idx], s, pick),
+                    [],
+                    [torch.tensor(float(steps[s]), device=device)] * len(idx),
+                    lr=lrs[s] * scale,
+                    beta1=b1,
+                    beta2=b2,
+                    weight_decay=0.0,
+                    eps=self.eps,
+                    amsgrad=False,
+                    maximize=False,
+                    grad_scale=unscale[s],
+                    found_inf=None,
+                )
 
     def _step(self, grads: list[Tensor], clip: Tensor, active: Tensor) -> None:
         """The same update in plain tensor operations, for devices without the fused kernel."""
@@ -145,8 +170,11 @@ class StackAdam:
         bias2_sqrt = (1 - b2**steps).sqrt()
         step_size = torch.where(active, self.lr.double() / bias1, 0.0)
         any_frozen = bool(self.stack.frozen.any())
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+        for p, g, m, v, scale in zip(
+            self.params, grads, self.exp_avg, self.exp_avg_sq, self._scales, strict=True
+        ):
             shape = (S,) + (1,) * (p.ndim - 1)
+            size = step_size if scale is None else step_size * scale
             g = g * clip.view(shape).to(g.dtype)
             if any_frozen:
                 keep = active.view(shape)
@@ -157,7 +185,7 @@ class StackAdam:
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bias2_sqrt.view(shape).to(v.dtype)).add_(self.eps)
-            p.addcdiv_(m * step_size.view(shape).to(p.dtype), denom, value=-1.0)
+            p.addcdiv_(m * size.view(shape).to(p.dtype), denom, value=-1.0)
 
     def state_dict(self) -> dict[str, typing.Any]:
         return {

@@ -420,7 +420,12 @@ class Stack(nn.Module, abc.ABC):
         recon = products.decode(f.to(self.W_dec.dtype), self.W_dec, self.b_dec)
         return recon / self.scale[:, None, None]
 
-    # ---- decoder-norm constraint, used by the optimiser --------------------------------
+    # ---- used by the optimiser ------------------------------------------------------------
+
+    def lr_scales(self) -> dict[str, list[float]]:
+        """Per-member learning-rate multipliers of some parameters, by parameter name (the rest
+        train at the member's lr). Fixed for a stack's life, so the optimiser reads them once."""
+        return {}
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

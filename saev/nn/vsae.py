@@ -108,6 +108,9 @@ class VJumpReLUStack(VariationalStack):
         init = self.hp("threshold_init").log()[:, None].expand(self.S, self.d_sae)
         self.log_threshold = nn.Parameter(init.clone())
 
+    def lr_scales(self):
+        return families.threshold_lr_scales(self)
+
     def _encode(self, xs, train, warm):
         z, kl = self._variational(xs, self.pre_acts(xs), train, warm)
         f, sparsity = families.jumprelu_codes(self, z, warm)
