@@ -173,3 +173,34 @@ def test_example_configs_expand():
         assert members, path
         for m in members:
             sweep.hparams(m.cfg)
+
+
+def test_a_jumprelu_lambda_sweep_stuck_at_one_l0_gets_a_hint(tmp_path):
+    """`saev train` ends with a hint when λ spans 3x or more but L0 stays within 25%: the
+    thresholds have not caught up (docs/train.md, "jumprelu"); not when λ sets L0."""
+    from saev.train.main import stalled_thresholds
+
+    members = grid(
+        tmp_path,
+        """
+        [data]
+        shard_root = "s"
+        [sae]
+        family = "jumprelu"
+        sparsity_coeff = [0.001, 0.01, 0.03]
+        threshold_lr_scale = [1.0, 10.0]
+        """,
+    )
+    by = {(m.axes["sae.sparsity_coeff"], m.axes["sae.threshold_lr_scale"]): m.name for m in members}
+    l0 = {(0.001, 1.0): 125.0, (0.01, 1.0): 124.5, (0.03, 1.0): 135.0}
+    l0 |= {(0.001, 10.0): 34.0, (0.01, 10.0): 6.3, (0.03, 10.0): 2.4}
+    results = {by[key]: {"l0_mean": v} for key, v in l0.items()}
+    (hint,) = stalled_thresholds(members, results)
+    assert hint.startswith("note: jumprelu members with sparsity_coeff 0.001 to 0.03 ended at")
+    assert "L0 124.5 to 135.0" in hint and "--sae.threshold-lr-scale" in hint
+    # A target-L0 run, or a run of one λ, gets none; nor does a run without eval scores.
+    assert stalled_thresholds(members, {}) == []
+    one = grid(
+        tmp_path, '[data]\nshard_root = "s"\n[sae]\nfamily = "jumprelu"\ntarget_l0 = [8.0, 16.0]\n'
+    )
+    assert stalled_thresholds(one, {m.name: {"l0_mean": 40.0} for m in one}) == []

@@ -93,6 +93,8 @@ def train(cfg: Config) -> pathlib.Path:
             if ordered:
                 write_outputs(ordered, plan.run_dir / "eval")
             print(write_summary(plan.run_dir, plan.members, status, results))
+            for line in stalled_thresholds(plan.members, results):
+                print(line)
     return plan.run_dir
 
 
@@ -344,6 +346,32 @@ def write_summary(
     text = "\n".join(lines) + "\n"
     atomic_write_text(run_dir / "summary.md", text)
     return text + f"wrote {run_dir / 'summary.json'}"
+
+
+def stalled_thresholds(members: list[sweep.Member], results: dict[str, dict]) -> list[str]:
+    """One hint per JumpReLU λ sweep whose members ended at about the same L0 (within 25%)
+    though λ spans 3× or more. Adam moves log θ by about the lr per step, so in a short run the
+    thresholds may all still be rising at that rate, whatever λ (docs/train.md, "jumprelu")."""
+    sweeps: dict[tuple, list[tuple[float, float]]] = {}
+    for m in members:
+        c = m.cfg.sae
+        l0 = results.get(m.name, {}).get("l0_mean")
+        if c.family not in ("jumprelu", "vsae-jumprelu") or (c.target_l0 or 0) > 0 or not l0:
+            continue
+        lam = sweep.hparams(m.cfg)["sparsity_coeff"]
+        rest = tuple(sorted((k, repr(v)) for k, v in m.axes.items() if k != "sae.sparsity_coeff"))
+        sweeps.setdefault((c.family, rest), []).append((lam, l0))
+    hints = []
+    for (family, _), rows in sweeps.items():
+        lams, l0s = [r[0] for r in rows], [r[1] for r in rows]
+        if min(lams) > 0 and max(lams) >= 3 * min(lams) and max(l0s) < 1.25 * min(l0s):
+            hints.append(
+                f"note: {family} members with sparsity_coeff {min(lams):g} to {max(lams):g} ended "
+                f"at L0 {min(l0s):.1f} to {max(l0s):.1f}: the thresholds have not caught up with "
+                "lambda in this run. Raise --sae.threshold-lr-scale (10 on a 98-step ViT run) or "
+                'train longer (docs/train.md, "jumprelu").'
+            )
+    return hints
 
 
 def _fmt(v) -> str:
