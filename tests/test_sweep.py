@@ -187,13 +187,14 @@ def test_a_jumprelu_lambda_sweep_stuck_at_one_l0_gets_a_hint(tmp_path):
         shard_root = "s"
         [sae]
         family = "jumprelu"
-        sparsity_coeff = [0.001, 0.01, 0.03]
+        sparsity_coeff = [0.0, 0.001, 0.01, 0.03]
         threshold_lr_scale = [1.0, 10.0]
         """,
     )
     by = {(m.axes["sae.sparsity_coeff"], m.axes["sae.threshold_lr_scale"]): m.name for m in members}
     l0 = {(0.001, 1.0): 125.0, (0.01, 1.0): 124.5, (0.03, 1.0): 135.0}
     l0 |= {(0.001, 10.0): 34.0, (0.01, 10.0): 6.3, (0.03, 10.0): 2.4}
+    l0 |= {(0.0, 1.0): 400.0, (0.0, 10.0): 400.0}  # λ 0 sets no L0: not part of the check
     results = {by[key]: {"l0_mean": v} for key, v in l0.items()}
     (hint,) = stalled_thresholds(members, results)
     assert hint.startswith("note: jumprelu members with sparsity_coeff 0.001 to 0.03 ended at")

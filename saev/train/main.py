@@ -359,12 +359,14 @@ def stalled_thresholds(members: list[sweep.Member], results: dict[str, dict]) ->
         if c.family not in ("jumprelu", "vsae-jumprelu") or (c.target_l0 or 0) > 0 or not l0:
             continue
         lam = sweep.hparams(m.cfg)["sparsity_coeff"]
+        if lam <= 0:
+            continue  # λ 0 sets no L0
         rest = tuple(sorted((k, repr(v)) for k, v in m.axes.items() if k != "sae.sparsity_coeff"))
         sweeps.setdefault((c.family, rest), []).append((lam, l0))
     hints = []
     for (family, _), rows in sweeps.items():
         lams, l0s = [r[0] for r in rows], [r[1] for r in rows]
-        if min(lams) > 0 and max(lams) >= 3 * min(lams) and max(l0s) < 1.25 * min(l0s):
+        if max(lams) >= 3 * min(lams) and max(l0s) < 1.25 * min(l0s):
             hints.append(
                 f"note: {family} members with sparsity_coeff {min(lams):g} to {max(lams):g} ended "
                 f"at L0 {min(l0s):.1f} to {max(l0s):.1f}: the thresholds have not caught up with "
