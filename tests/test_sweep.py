@@ -199,7 +199,7 @@ def test_a_jumprelu_lambda_sweep_stuck_at_one_l0_gets_a_hint(tmp_path):
     (hint,) = stalled_thresholds(members, results)
     assert hint.startswith("note: jumprelu members with sparsity_coeff 0.001 to 0.03 ended at")
     assert "L0 124.5 to 135.0" in hint and "--sae.threshold-lr-scale" in hint
-    # A target-L0 run, or a run of one λ, gets none; nor does a run without eval scores.
+    # A run without eval scores gets none; nor does a target-L0 sweep (λ is not what sets L0).
     assert stalled_thresholds(members, {}) == []
     one = grid(
         tmp_path, '[data]\nshard_root = "s"\n[sae]\nfamily = "jumprelu"\ntarget_l0 = [8.0, 16.0]\n'
