@@ -354,15 +354,15 @@ def stalled_thresholds(members: list[sweep.Member], results: dict[str, dict]) ->
     thresholds may all still be rising at that rate, whatever λ (docs/train.md, "jumprelu")."""
     sweeps: dict[tuple, list[tuple[float, float]]] = {}
     for m in members:
-        c = m.cfg.sae
         l0 = results.get(m.name, {}).get("l0_mean")
-        if c.family not in ("jumprelu", "vsae-jumprelu") or (c.target_l0 or 0) > 0 or not l0:
+        hp = sweep.hparams(m.cfg)
+        # Families with learned thresholds; at a target L0 or λ 0, λ is not what sets L0.
+        if not l0 or "threshold_lr_scale" not in hp or hp["target_l0"] > 0:
             continue
-        lam = sweep.hparams(m.cfg)["sparsity_coeff"]
-        if lam <= 0:
-            continue  # λ 0 sets no L0
+        if hp["sparsity_coeff"] <= 0:
+            continue
         rest = tuple(sorted((k, repr(v)) for k, v in m.axes.items() if k != "sae.sparsity_coeff"))
-        sweeps.setdefault((c.family, rest), []).append((lam, l0))
+        sweeps.setdefault((m.cfg.sae.family, rest), []).append((hp["sparsity_coeff"], l0))
     hints = []
     for (family, _), rows in sweeps.items():
         lams, l0s = [r[0] for r in rows], [r[1] for r in rows]
